@@ -1,0 +1,151 @@
+"""Per-row divergence math in z-space (z = logits / temperature), in plain tensor ops.
+
+Every function takes a block of rows ([R, V] tensors in the compute dtype, probabilities and
+log-probabilities already formed) and returns the per-row value, the gradient with respect to
+the student/teacher z, or the Hessian-vector product of the divergence in a direction
+(a on z_student, b on z_teacher). Temperatures, scales, labels and reductions are applied by
+the caller (`kdops._portable`); native kernels compute exactly these formulas.
+
+Zero-probability entries (``-inf`` logits, masked vocabulary) contribute exactly zero and never
+NaN: every product with a log-probability is guarded by ``p == 0`` (not ``p > 0``, so that a NaN
+probability stays NaN). Directions a, b must already be zero where the matching p is zero.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def _dot(x: Tensor, y: Tensor) -> Tensor:
+    """Row-wise inner product of two [R, V] tensors -> [R, 1] (kept 2-D for broadcasting)."""
+    return (x * y).sum(-1, keepdim=True)
+
+
+def _guarded(p: Tensor, x: Tensor) -> Tensor:
+    """x where p is nonzero, 0 where p == 0: the 0·log 0 = 0 convention."""
+    return torch.where(p == 0, 0.0, x)
+
+
+class KLDivergence:
+    """D = KL(P‖Q) = Σ P (log P − log Q), P = softmax(x), Q = softmax(y).
+
+    Forward KL (Hinton) is x = teacher, y = student; reverse KL swaps them.
+
+        ∂D/∂x = P ⊙ (A − D),  A = log P − log Q
+        ∂D/∂y = Q − P
+        HVP in direction (dx, dy), with c = dx − ⟨P, dx⟩:
+            H_x = P ⊙ (c ⊙ (A − D + 1) − ⟨∂D/∂x, dx⟩ − dy + ⟨P, dy⟩)
+            H_y = Q ⊙ (dy − ⟨Q, dy⟩) − P ⊙ c
+    """
+
+    def __init__(self, p_is_teacher: bool):
+        self.p_is_teacher = p_is_teacher
+
+    def _pq(self, rows):
+        if self.p_is_teacher:
+            return rows.pt, rows.logpt, rows.ps, rows.logps
+        return rows.ps, rows.logps, rows.pt, rows.logpt
+
+    def _swap(self, d_student, d_teacher):
+        """Map (d_x, d_y) <-> (d_student, d_teacher)."""
+        return (d_teacher, d_student) if self.p_is_teacher else (d_student, d_teacher)
+
+    def _log_ratio(self, rows):
+        p, logp, _, logq = self._pq(rows)
+        return _guarded(p, logp - logq)
+
+    def value(self, rows) -> Tensor:
+        p = self._pq(rows)[0]
+        return (p * self._log_ratio(rows)).sum(-1)
+
+    def grads(self, rows, value: Tensor, need_student: bool, need_teacher: bool):
+        """(∂D/∂z_student, ∂D/∂z_teacher); an entry is None when not needed."""
+        p, _, q, _ = self._pq(rows)
+        need_x, need_y = self._swap(need_student, need_teacher)
+        gx = p * (self._log_ratio(rows) - value[:, None]) if need_x else None
+        gy = q - p if need_y else None
+        return self._swap(gx, gy)
+
+    def hvp(self, rows, value: Tensor, a: Tensor, b: Tensor):
+        """(⟨a, ∂D/∂zs⟩ + ⟨b, ∂D/∂zt⟩ per row, H_student, H_teacher)."""
+        p, _, q, _ = self._pq(rows)
+        dx, dy = self._swap(a, b)
+        ratio = self._log_ratio(rows) - value[:, None]
+        gx, gy = p * ratio, q - p
+        gx_dx = _dot(gx, dx)
+        c = dx - _dot(p, dx)
+        hx = p * (c * (ratio + 1) - gx_dx - dy + _dot(p, dy))
+        hy = q * (dy - _dot(q, dy)) - p * c
+        directional = (gx_dx + _dot(gy, dy)).squeeze(-1)
+        h_student, h_teacher = self._swap(hx, hy)
+        return directional, h_student, h_teacher
+
+
+class JensenShannon:
+    """Generalized JSD for 0 < β < 1 (TRL / Liger convention; β = 0, 1 are KL and reverse KL).
+
+        m = β pt + (1 − β) ps,  log m = logaddexp(log pt + log β, log ps + log(1 − β))
+        e_s = log ps − log m,   e_t = log pt − log m
+        D = β Σ pt e_t + (1 − β) Σ ps e_s
+        ∂D/∂zs = (1 − β) ps ⊙ (e_s − ⟨ps, e_s⟩),  ∂D/∂zt = β pt ⊙ (e_t − ⟨pt, e_t⟩)
+        HVP in direction (a, b): with ṗs = ps ⊙ (a − ⟨ps, a⟩), ṗt = pt ⊙ (b − ⟨pt, b⟩),
+            r = (β ṗt + (1 − β) ṗs) / m  (0 where m = 0),
+            de_s = a − ⟨ps, a⟩ − r,  de_t = b − ⟨pt, b⟩ − r,
+            H_s = (1 − β) [ṗs ⊙ (e_s − ⟨ps, e_s⟩) + ps ⊙ (de_s − ⟨ṗs, e_s⟩ − ⟨ps, de_s⟩)]
+            H_t = β [ṗt ⊙ (e_t − ⟨pt, e_t⟩) + pt ⊙ (de_t − ⟨ṗt, e_t⟩ − ⟨pt, de_t⟩)]
+    """
+
+    def __init__(self, beta: float):
+        if not 0.0 < beta < 1.0:
+            raise ValueError(f"JensenShannon needs 0 < beta < 1, got {beta}")
+        self.beta = beta
+
+    def _logs(self, rows):
+        beta = self.beta
+        log_m = torch.logaddexp(rows.logpt + math.log(beta), rows.logps + math.log(1.0 - beta))
+        e_s = _guarded(rows.ps, rows.logps - log_m)
+        e_t = _guarded(rows.pt, rows.logpt - log_m)
+        return log_m, e_s, e_t
+
+    def value(self, rows) -> Tensor:
+        _, e_s, e_t = self._logs(rows)
+        return self.beta * (rows.pt * e_t).sum(-1) + (1.0 - self.beta) * (rows.ps * e_s).sum(-1)
+
+    def grads(self, rows, value: Tensor, need_student: bool, need_teacher: bool):
+        _, e_s, e_t = self._logs(rows)
+        gs = (1.0 - self.beta) * rows.ps * (e_s - _dot(rows.ps, e_s)) if need_student else None
+        gt = self.beta * rows.pt * (e_t - _dot(rows.pt, e_t)) if need_teacher else None
+        return gs, gt
+
+    def hvp(self, rows, value: Tensor, a: Tensor, b: Tensor):
+        beta = self.beta
+        ps, pt = rows.ps, rows.pt
+        log_m, e_s, e_t = self._logs(rows)
+        centred_s = e_s - _dot(ps, e_s)
+        centred_t = e_t - _dot(pt, e_t)
+        da = a - _dot(ps, a)
+        db = b - _dot(pt, b)
+        dps, dpt = ps * da, pt * db
+        m = torch.exp(log_m)
+        r = torch.where(m == 0, 0.0, (beta * dpt + (1.0 - beta) * dps) / m)
+        de_s, de_t = da - r, db - r
+        h_s = (1.0 - beta) * (dps * centred_s + ps * (de_s - _dot(dps, e_s) - _dot(ps, de_s)))
+        h_t = beta * (dpt * centred_t + pt * (de_t - _dot(dpt, e_t) - _dot(pt, de_t)))
+        directional = ((1.0 - beta) * _dot(a, ps * centred_s) + beta * _dot(b, pt * centred_t))
+        return directional.squeeze(-1), h_s, h_t
+
+
+def make_divergence(name: str, beta: float):
+    """The divergence object for an op's (divergence, beta) arguments.
+
+    ``jsd`` with β = 0 is forward KL and with β = 1 reverse KL, exactly (TRL's convention).
+    """
+    if name == "kl" or (name == "jsd" and beta == 0.0):
+        return KLDivergence(p_is_teacher=True)
+    if name == "reverse_kl" or (name == "jsd" and beta == 1.0):
+        return KLDivergence(p_is_teacher=False)
+    if name == "jsd":
+        return JensenShannon(beta)
+    raise ValueError(f"unknown divergence {name!r}; expected 'kl', 'reverse_kl' or 'jsd'")

@@ -1,0 +1,148 @@
+"""torch.library definitions of the kdops loss ops: schemas, fake kernels, autograd.
+
+Three ops form a chain, each the derivative of the one before:
+
+    kdops::kd_forward          rows of (divergence, cross-entropy) + per-row logsumexps
+    kdops::kd_backward         gradients to student, teacher and both temperatures
+    kdops::kd_double_backward  the vector-Jacobian product of kd_backward (exact second order)
+
+The portable implementation (`kdops._portable`) is registered as CompositeExplicitAutograd, so
+it serves every device; a native kernel registered for a backend key (CPU, CUDA) overrides it.
+Tensors are rows-flattened: logits [N, V] (any floating dtype), temperatures [N] in the compute
+dtype (float64 if either logits tensor is float64, else float32), labels [N] int64 or None.
+The logsumexp outputs are saved statistics, not differentiable results: the backward formulas
+are total derivatives that already account for them.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _portable
+
+_LIB = torch.library.Library("kdops", "DEF")
+
+_SHARED = ("Tensor student, Tensor teacher, Tensor tau_s, Tensor tau_t, Tensor? labels")
+_STATS = "Tensor lse_s, Tensor lse_t, Tensor lse_ce"
+_CONFIG = "int ignore_index, str divergence, float beta, bool with_ce"
+
+_LIB.define(f"kd_forward({_SHARED}, {_CONFIG}) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+_LIB.define(
+    f"kd_backward(Tensor grad_div, Tensor grad_ce, {_SHARED}, {_STATS}, {_CONFIG}, "
+    "bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+_LIB.define(
+    "kd_double_backward(Tensor? v_student, Tensor? v_teacher, Tensor? v_tau_s, Tensor? v_tau_t, "
+    f"Tensor grad_div, Tensor grad_ce, {_SHARED}, {_STATS}, {_CONFIG}, bool[6] output_mask) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+
+for _name in ("kd_forward", "kd_backward", "kd_double_backward"):
+    _LIB.impl(_name, getattr(_portable, _name), "CompositeExplicitAutograd")
+
+kd_forward = torch.ops.kdops.kd_forward.default
+kd_backward = torch.ops.kdops.kd_backward.default
+kd_double_backward = torch.ops.kdops.kd_double_backward.default
+
+
+def _rows(like, n, dtype):
+    return like.new_empty(n, dtype=dtype)
+
+
+def _masked(flag, like, shape, dtype):
+    return like.new_empty(shape if flag else 0, dtype=dtype)
+
+
+@torch.library.register_fake("kdops::kd_forward")
+def _(student, teacher, tau_s, tau_t, labels, ignore_index, divergence, beta, with_ce):
+    n = student.shape[0]
+    return tuple(_rows(student, n, tau_s.dtype) for _ in range(5))
+
+
+@torch.library.register_fake("kdops::kd_backward")
+def _(grad_div, grad_ce, student, teacher, tau_s, tau_t, labels, lse_s, lse_t, lse_ce,
+      ignore_index, divergence, beta, with_ce, output_mask):
+    n = student.shape[0]
+    return (
+        _masked(output_mask[0], student, student.shape, student.dtype),
+        _masked(output_mask[1], teacher, teacher.shape, teacher.dtype),
+        _masked(output_mask[2], tau_s, n, tau_s.dtype),
+        _masked(output_mask[3], tau_t, n, tau_t.dtype),
+    )
+
+
+@torch.library.register_fake("kdops::kd_double_backward")
+def _(v_student, v_teacher, v_tau_s, v_tau_t, grad_div, grad_ce, student, teacher, tau_s,
+      tau_t, labels, lse_s, lse_t, lse_ce, ignore_index, divergence, beta, with_ce,
+      output_mask):
+    n = student.shape[0]
+    cdt = tau_s.dtype
+    return (
+        _masked(output_mask[0], grad_div, n, cdt),
+        _masked(output_mask[1], grad_ce, n, cdt),
+        _masked(output_mask[2], student, student.shape, student.dtype),
+        _masked(output_mask[3], teacher, teacher.shape, teacher.dtype),
+        _masked(output_mask[4], tau_s, n, cdt),
+        _masked(output_mask[5], tau_t, n, cdt),
+    )
+
+
+def _forward_setup(ctx, inputs, output):
+    student, teacher, tau_s, tau_t, labels, *config = inputs
+    _, _, lse_s, lse_t, lse_ce = output
+    ctx.mark_non_differentiable(lse_s, lse_t, lse_ce)
+    ctx.save_for_backward(student, teacher, tau_s, tau_t, labels, lse_s, lse_t, lse_ce)
+    ctx.config = config
+
+
+def _forward_backward(ctx, grad_div, grad_ce, *_lse_grads):
+    tensors = ctx.saved_tensors
+    mask = list(ctx.needs_input_grad[:4])
+    if not any(mask):
+        return (None,) * 9
+    grads = kd_backward(grad_div, grad_ce, *tensors, *ctx.config, mask)
+    return (*(g if m else None for g, m in zip(grads, mask)), None, None, None, None, None)
+
+
+def _backward_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:10])
+    ctx.config = inputs[10:14]
+    ctx.computed = inputs[14]
+
+
+def _backward_backward(ctx, *cotangents):
+    mask = list(ctx.needs_input_grad[:6])
+    if not any(mask):
+        return (None,) * 15
+    vs = [v if done else None for v, done in zip(cotangents, ctx.computed)]
+    grads = kd_double_backward(*vs, *ctx.saved_tensors, *ctx.config, mask)
+    return (*(g if m else None for g, m in zip(grads, mask)),) + (None,) * 9
+
+
+def _third_order(ctx, *grads):
+    raise NotImplementedError(
+        "kdops: third-order derivatives of fused_kd_loss are not implemented "
+        "(kd_double_backward is exact but not itself differentiable)"
+    )
+
+
+torch.library.register_autograd("kdops::kd_forward", _forward_backward,
+                                setup_context=_forward_setup)
+torch.library.register_autograd("kdops::kd_backward", _backward_backward,
+                                setup_context=_backward_setup)
+torch.library.register_autograd("kdops::kd_double_backward", _third_order,
+                                setup_context=lambda ctx, inputs, output: None)
+
+
+def backend_info() -> dict:
+    """Which implementation serves each kdops op, per device type.
+
+    Returns ``{"kd_forward": {"cpu": "portable", "cuda": "portable"}, ...}``: ``"native"``
+    where a kernel is registered for that device's dispatch key, ``"portable"`` where the
+    vectorized PyTorch implementation runs.
+    """
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    return {
+        op: {dev: "native" if has(f"kdops::{op}", key) else "portable"
+             for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
+        for op in ("kd_forward", "kd_backward", "kd_double_backward")
+    }
