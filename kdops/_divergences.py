@@ -56,23 +56,29 @@ class KLDivergence:
         p, logp, _, logq = self._pq(rows)
         return _guarded(p, logp - logq)
 
+    def _centred_log_ratio(self, rows):
+        """A − D, where D = ⟨P, A⟩."""
+        p = self._pq(rows)[0]
+        log_ratio = self._log_ratio(rows)
+        return log_ratio - _dot(p, log_ratio)
+
     def value(self, rows) -> Tensor:
         p = self._pq(rows)[0]
         return (p * self._log_ratio(rows)).sum(-1)
 
-    def grads(self, rows, value: Tensor, need_student: bool, need_teacher: bool):
+    def grads(self, rows, need_student: bool, need_teacher: bool):
         """(∂D/∂z_student, ∂D/∂z_teacher); an entry is None when not needed."""
         p, _, q, _ = self._pq(rows)
         need_x, need_y = self._swap(need_student, need_teacher)
-        gx = p * (self._log_ratio(rows) - value[:, None]) if need_x else None
+        gx = p * self._centred_log_ratio(rows) if need_x else None
         gy = q - p if need_y else None
         return self._swap(gx, gy)
 
-    def hvp(self, rows, value: Tensor, a: Tensor, b: Tensor):
+    def hvp(self, rows, a: Tensor, b: Tensor):
         """(⟨a, ∂D/∂zs⟩ + ⟨b, ∂D/∂zt⟩ per row, H_student, H_teacher)."""
         p, _, q, _ = self._pq(rows)
         dx, dy = self._swap(a, b)
-        ratio = self._log_ratio(rows) - value[:, None]
+        ratio = self._centred_log_ratio(rows)
         gx, gy = p * ratio, q - p
         gx_dx = _dot(gx, dx)
         c = dx - _dot(p, dx)
@@ -86,15 +92,19 @@ class KLDivergence:
 class JensenShannon:
     """Generalized JSD for 0 < β < 1 (TRL / Liger convention; β = 0, 1 are KL and reverse KL).
 
-        m = β pt + (1 − β) ps,  log m = logaddexp(log pt + log β, log ps + log(1 − β))
-        e_s = log ps − log m,   e_t = log pt − log m
+        m = β pt + (1 − β) ps,  e_s = log ps − log m,  e_t = log pt − log m
         D = β Σ pt e_t + (1 − β) Σ ps e_s
         ∂D/∂zs = (1 − β) ps ⊙ (e_s − ⟨ps, e_s⟩),  ∂D/∂zt = β pt ⊙ (e_t − ⟨pt, e_t⟩)
         HVP in direction (a, b): with ṗs = ps ⊙ (a − ⟨ps, a⟩), ṗt = pt ⊙ (b − ⟨pt, b⟩),
-            r = (β ṗt + (1 − β) ṗs) / m  (0 where m = 0),
+            r = ṁ / m = w_t (b − ⟨pt, b⟩) + w_s (a − ⟨ps, a⟩),
+            w_s = (1 − β) ps / m = (1 − β) exp(e_s),  w_t = β pt / m = β exp(e_t),
             de_s = a − ⟨ps, a⟩ − r,  de_t = b − ⟨pt, b⟩ − r,
             H_s = (1 − β) [ṗs ⊙ (e_s − ⟨ps, e_s⟩) + ps ⊙ (de_s − ⟨ṗs, e_s⟩ − ⟨ps, de_s⟩)]
             H_t = β [ṗt ⊙ (e_t − ⟨pt, e_t⟩) + pt ⊙ (de_t − ⟨ṗt, e_t⟩ − ⟨pt, de_t⟩)]
+
+    e_s and e_t come from d = log pt − log ps without forming m: log m − log ps =
+    log1p(β expm1(d)) for d ≤ 0 and d + log1p((1 − β) expm1(−d)) for d > 0. Both branches are
+    free of overflow and cancellation, and the divergence is exactly 0 where ps = pt.
     """
 
     def __init__(self, beta: float):
@@ -103,33 +113,37 @@ class JensenShannon:
         self.beta = beta
 
     def _logs(self, rows):
-        beta = self.beta
-        log_m = torch.logaddexp(rows.logpt + math.log(beta), rows.logps + math.log(1.0 - beta))
-        e_s = _guarded(rows.ps, rows.logps - log_m)
-        e_t = _guarded(rows.pt, rows.logpt - log_m)
-        return log_m, e_s, e_t
+        """(e_s, e_t), each 0 where its probability is 0."""
+        d = rows.logpt - rows.logps
+        below = d <= 0
+        e_s_below = -torch.log1p(self.beta * torch.expm1(torch.where(below, d, 0.0)))
+        e_t_above = -torch.log1p((1.0 - self.beta) * torch.expm1(torch.where(below, 0.0, -d)))
+        e_s = torch.where(below, e_s_below, e_t_above - d)
+        e_t = torch.where(below, e_s_below + d, e_t_above)
+        return _guarded(rows.ps, e_s), _guarded(rows.pt, e_t)
 
     def value(self, rows) -> Tensor:
-        _, e_s, e_t = self._logs(rows)
+        e_s, e_t = self._logs(rows)
         return self.beta * (rows.pt * e_t).sum(-1) + (1.0 - self.beta) * (rows.ps * e_s).sum(-1)
 
-    def grads(self, rows, value: Tensor, need_student: bool, need_teacher: bool):
-        _, e_s, e_t = self._logs(rows)
+    def grads(self, rows, need_student: bool, need_teacher: bool):
+        e_s, e_t = self._logs(rows)
         gs = (1.0 - self.beta) * rows.ps * (e_s - _dot(rows.ps, e_s)) if need_student else None
         gt = self.beta * rows.pt * (e_t - _dot(rows.pt, e_t)) if need_teacher else None
         return gs, gt
 
-    def hvp(self, rows, value: Tensor, a: Tensor, b: Tensor):
+    def hvp(self, rows, a: Tensor, b: Tensor):
         beta = self.beta
         ps, pt = rows.ps, rows.pt
-        log_m, e_s, e_t = self._logs(rows)
+        e_s, e_t = self._logs(rows)
         centred_s = e_s - _dot(ps, e_s)
         centred_t = e_t - _dot(pt, e_t)
         da = a - _dot(ps, a)
         db = b - _dot(pt, b)
         dps, dpt = ps * da, pt * db
-        m = torch.exp(log_m)
-        r = torch.where(m == 0, 0.0, (beta * dpt + (1.0 - beta) * dps) / m)
+        w_s = _guarded(ps, (1.0 - beta) * e_s.exp())
+        w_t = _guarded(pt, beta * e_t.exp())
+        r = w_t * db + w_s * da
         de_s, de_t = da - r, db - r
         h_s = (1.0 - beta) * (dps * centred_s + ps * (de_s - _dot(dps, e_s) - _dot(ps, de_s)))
         h_t = beta * (dpt * centred_t + pt * (de_t - _dot(dpt, e_t) - _dot(pt, de_t)))

@@ -2,7 +2,7 @@
 
 Three ops form a chain, each the derivative of the one before:
 
-    kdops::kd_forward          rows of (divergence, cross-entropy) + per-row logsumexps
+    kdops::kd_forward          per-row divergence and cross-entropy, plus row statistics
     kdops::kd_backward         gradients to student, teacher and both temperatures
     kdops::kd_double_backward  the vector-Jacobian product of kd_backward (exact second order)
 
@@ -10,8 +10,9 @@ The portable implementation (`kdops._portable`) is registered as CompositeExplic
 it serves every device; a native kernel registered for a backend key (CPU, CUDA) overrides it.
 Tensors are rows-flattened: logits [N, V] (any floating dtype), temperatures [N] in the compute
 dtype (float64 if either logits tensor is float64, else float32), labels [N] int64 or None.
-The logsumexp outputs are saved statistics, not differentiable results: the backward formulas
-are total derivatives that already account for them.
+The statistics output ([6, N]: row max and log Σ exp(z − max) of zs, zt and s at T = 1) is
+saved for the backward ops, not a differentiable result: their formulas are total derivatives
+that already account for it.
 """
 from __future__ import annotations
 
@@ -22,10 +23,10 @@ from . import _portable
 _LIB = torch.library.Library("kdops", "DEF")
 
 _SHARED = ("Tensor student, Tensor teacher, Tensor tau_s, Tensor tau_t, Tensor? labels")
-_STATS = "Tensor lse_s, Tensor lse_t, Tensor lse_ce"
+_STATS = "Tensor stats"
 _CONFIG = "int ignore_index, str divergence, float beta, bool with_ce"
 
-_LIB.define(f"kd_forward({_SHARED}, {_CONFIG}) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+_LIB.define(f"kd_forward({_SHARED}, {_CONFIG}) -> (Tensor, Tensor, Tensor)")
 _LIB.define(
     f"kd_backward(Tensor grad_div, Tensor grad_ce, {_SHARED}, {_STATS}, {_CONFIG}, "
     "bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)"
@@ -55,11 +56,12 @@ def _masked(flag, like, shape, dtype):
 @torch.library.register_fake("kdops::kd_forward")
 def _(student, teacher, tau_s, tau_t, labels, ignore_index, divergence, beta, with_ce):
     n = student.shape[0]
-    return tuple(_rows(student, n, tau_s.dtype) for _ in range(5))
+    return _rows(student, n, tau_s.dtype), _rows(student, n, tau_s.dtype), _rows(
+        student, (6, n), tau_s.dtype)
 
 
 @torch.library.register_fake("kdops::kd_backward")
-def _(grad_div, grad_ce, student, teacher, tau_s, tau_t, labels, lse_s, lse_t, lse_ce,
+def _(grad_div, grad_ce, student, teacher, tau_s, tau_t, labels, stats,
       ignore_index, divergence, beta, with_ce, output_mask):
     n = student.shape[0]
     return (
@@ -72,8 +74,7 @@ def _(grad_div, grad_ce, student, teacher, tau_s, tau_t, labels, lse_s, lse_t, l
 
 @torch.library.register_fake("kdops::kd_double_backward")
 def _(v_student, v_teacher, v_tau_s, v_tau_t, grad_div, grad_ce, student, teacher, tau_s,
-      tau_t, labels, lse_s, lse_t, lse_ce, ignore_index, divergence, beta, with_ce,
-      output_mask):
+      tau_t, labels, stats, ignore_index, divergence, beta, with_ce, output_mask):
     n = student.shape[0]
     cdt = tau_s.dtype
     return (
@@ -88,13 +89,13 @@ def _(v_student, v_teacher, v_tau_s, v_tau_t, grad_div, grad_ce, student, teache
 
 def _forward_setup(ctx, inputs, output):
     student, teacher, tau_s, tau_t, labels, *config = inputs
-    _, _, lse_s, lse_t, lse_ce = output
-    ctx.mark_non_differentiable(lse_s, lse_t, lse_ce)
-    ctx.save_for_backward(student, teacher, tau_s, tau_t, labels, lse_s, lse_t, lse_ce)
+    stats = output[2]
+    ctx.mark_non_differentiable(stats)
+    ctx.save_for_backward(student, teacher, tau_s, tau_t, labels, stats)
     ctx.config = config
 
 
-def _forward_backward(ctx, grad_div, grad_ce, *_lse_grads):
+def _forward_backward(ctx, grad_div, grad_ce, _stats_grad):
     tensors = ctx.saved_tensors
     mask = list(ctx.needs_input_grad[:4])
     if not any(mask):
@@ -104,18 +105,18 @@ def _forward_backward(ctx, grad_div, grad_ce, *_lse_grads):
 
 
 def _backward_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:10])
-    ctx.config = inputs[10:14]
-    ctx.computed = inputs[14]
+    ctx.save_for_backward(*inputs[:8])
+    ctx.config = inputs[8:12]
+    ctx.computed = inputs[12]
 
 
 def _backward_backward(ctx, *cotangents):
     mask = list(ctx.needs_input_grad[:6])
     if not any(mask):
-        return (None,) * 15
+        return (None,) * 13
     vs = [v if done else None for v, done in zip(cotangents, ctx.computed)]
     grads = kd_double_backward(*vs, *ctx.saved_tensors, *ctx.config, mask)
-    return (*(g if m else None for g, m in zip(grads, mask)),) + (None,) * 9
+    return (*(g if m else None for g, m in zip(grads, mask)),) + (None,) * 7
 
 
 def _third_order(ctx, *grads):

@@ -22,8 +22,10 @@ direction (a, b) (see `_divergences`), gs = (gD / τs) ∂D/∂zs, gt = (gD / τ
     ∂Φ/∂τs  = −(gD / τs) ⟨Hs, zs⟩ − (1 / τs) ⟨vs − 2 us zs, gs⟩
     ∂Φ/∂τt  = −(gD / τt) ⟨Ht, zt⟩ − (1 / τt) ⟨vt − 2 ut zt, gt⟩
 
-`-inf` logits are treated as z = 0 inside inner products with z (their probability, and so
-every gradient entry that multiplies them, is exactly zero).
+Row statistics (``stats``, [6, N] in the compute dtype) are the row max and
+log Σ exp(z − max) of zs, zt and of s at T = 1; the backward ops recompute probabilities from
+them. `-inf` logits are treated as z = 0 inside inner products with z (their probability, and
+so every gradient entry that multiplies them, is exactly zero).
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from torch import Tensor
 from ._divergences import make_divergence
 
 BLOCK_ELEMENTS = 1 << 16
+STUDENT, TEACHER, HARD = 0, 2, 4  # first row of each (max, log-sum) pair in stats
 
 
 def _row_blocks(n: int, v: int) -> Iterator[slice]:
@@ -48,17 +51,42 @@ def _zero_neg_inf(z: Tensor) -> Tensor:
     return torch.where(torch.isneginf(z), 0.0, z)
 
 
-class _Block:
-    """Scaled logits and softmax statistics of one block of rows; probabilities formed lazily."""
+def _log_softmax_stats(z: Tensor, stats: Tensor, first: int, rows: slice) -> Tensor:
+    """log softmax(z) per row; writes the row max and log Σ exp(z − max) into stats.
 
-    def __init__(self, zs: Tensor, zt: Tensor, logps: Tensor, logpt: Tensor):
-        self.zs, self.zt, self.logps, self.logpt = zs, zt, logps, logpt
+    At the row maximum log_softmax is exactly −log Σ exp(z − max), so both statistics are
+    read off the fused log_softmax without another pass of exponentials.
+    """
+    logp = torch.log_softmax(z, dim=-1)
+    stats[first, rows] = z.amax(-1)
+    stats[first + 1, rows] = -logp.amax(-1)
+    return logp
+
+
+def _shifted(z: Tensor, stats: Tensor, first: int, rows: slice) -> Tensor:
+    """z − rowmax(z), from the saved statistics."""
+    return z - stats[first, rows, None]
+
+
+class _Block:
+    """Max-shifted scaled logits and log-probabilities of one block of rows.
+
+    Probabilities are recomputed as exp((z − max) − log Σ exp(z − max)), as exact as
+    log_softmax; (z − logsumexp) would lose the low bits of z when |z| is large (at |z| ~ 1e4
+    one float32 ulp of the logsumexp is 1e-3 of relative error in every probability).
+    Inner products of a gradient or HVP with z use the shifted z: they are invariant to the
+    shift (the divergences are), and the shift removes the cancellation of a common offset.
+    """
+
+    def __init__(self, ys: Tensor, yt: Tensor, logps: Tensor, logpt: Tensor):
+        self.ys, self.yt, self.logps, self.logpt = ys, yt, logps, logpt
 
     @classmethod
-    def from_lse(cls, student, teacher, tau_s, tau_t, lse_s, lse_t, rows):
-        zs = student[rows] / tau_s[rows, None]
-        zt = teacher[rows] / tau_t[rows, None]
-        return cls(zs, zt, zs - lse_s[rows, None], zt - lse_t[rows, None])
+    def from_stats(cls, student, teacher, tau_s, tau_t, stats, rows):
+        ys = _shifted(student[rows] / tau_s[rows, None], stats, STUDENT, rows)
+        yt = _shifted(teacher[rows] / tau_t[rows, None], stats, TEACHER, rows)
+        return cls(ys, yt, ys - stats[STUDENT + 1, rows, None],
+                   yt - stats[TEACHER + 1, rows, None])
 
     @cached_property
     def ps(self) -> Tensor:
@@ -70,21 +98,12 @@ class _Block:
 
     @cached_property
     def zs_safe(self) -> Tensor:
-        return _zero_neg_inf(self.zs)
+        """Shifted zs with -inf entries (p = 0) set to 0."""
+        return _zero_neg_inf(self.ys)
 
     @cached_property
     def zt_safe(self) -> Tensor:
-        return _zero_neg_inf(self.zt)
-
-
-def _log_softmax_lse(z: Tensor):
-    """(log softmax(z), logsumexp(z)) per row, from one fused log_softmax.
-
-    At the row maximum, log_softmax is exactly −log Σ exp(z − max), so max(z) − max(logp) is
-    the logsumexp rounded once, as torch.logsumexp computes it.
-    """
-    logp = torch.log_softmax(z, dim=-1)
-    return logp, z.amax(-1) - logp.amax(-1)
+        return _zero_neg_inf(self.yt)
 
 
 class _Labels:
@@ -107,8 +126,14 @@ class _Labels:
         return x.gather(1, self.safe[rows, None]).squeeze(1)
 
 
+def _hard_probs(student: Tensor, stats: Tensor, rows: slice) -> Tensor:
+    """softmax(s) at T = 1 for one block, from the saved statistics."""
+    shifted = _shifted(student[rows].to(stats.dtype), stats, HARD, rows)
+    return (shifted - stats[HARD + 1, rows, None]).exp()
+
+
 def _out(flag: bool, like: Tensor, shape, dtype) -> Tensor:
-    return like.new_empty(shape, dtype=dtype) if flag else like.new_empty(0, dtype=dtype)
+    return like.new_empty(shape if flag else 0, dtype=dtype)
 
 
 def kd_forward(student: Tensor, teacher: Tensor, tau_s: Tensor, tau_t: Tensor,
@@ -118,25 +143,25 @@ def kd_forward(student: Tensor, teacher: Tensor, tau_s: Tensor, tau_t: Tensor,
     cdt = tau_s.dtype
     div = make_divergence(divergence, beta)
     lab = _Labels(labels, ignore_index)
-    d_out, lse_s, lse_t = (student.new_empty(n, dtype=cdt) for _ in range(3))
-    ce_out, lse_ce = (student.new_zeros(n, dtype=cdt) for _ in range(2))
+    d_out = student.new_empty(n, dtype=cdt)
+    ce_out = student.new_zeros(n, dtype=cdt)
+    stats = student.new_zeros(6, n, dtype=cdt)
     for rows in _row_blocks(n, v):
         zs = student[rows] / tau_s[rows, None]
         zt = teacher[rows] / tau_t[rows, None]
-        logps, lse_s[rows] = _log_softmax_lse(zs)
-        logpt, lse_t[rows] = _log_softmax_lse(zt)
-        d_out[rows] = lab.mask_rows(div.value(_Block(zs, zt, logps, logpt)), rows)
+        logps = _log_softmax_stats(zs, stats, STUDENT, rows)
+        logpt = _log_softmax_stats(zt, stats, TEACHER, rows)
+        d_out[rows] = lab.mask_rows(div.value(_Block(None, None, logps, logpt)), rows)
         if with_ce:
-            s1 = student[rows].to(cdt)
-            lse_ce[rows] = torch.logsumexp(s1, dim=-1)
-            ce_out[rows] = lab.mask_rows(lse_ce[rows] - lab.gather(s1, rows), rows)
-    return d_out, ce_out, lse_s, lse_t, lse_ce
+            logp1 = _log_softmax_stats(student[rows].to(cdt), stats, HARD, rows)
+            ce_out[rows] = lab.mask_rows(-lab.gather(logp1, rows), rows)
+    return d_out, ce_out, stats
 
 
 def kd_backward(grad_div: Tensor, grad_ce: Tensor, student: Tensor, teacher: Tensor,
-                tau_s: Tensor, tau_t: Tensor, labels: Optional[Tensor], lse_s: Tensor,
-                lse_t: Tensor, lse_ce: Tensor, ignore_index: int, divergence: str, beta: float,
-                with_ce: bool, output_mask: Sequence[bool]):
+                tau_s: Tensor, tau_t: Tensor, labels: Optional[Tensor], stats: Tensor,
+                ignore_index: int, divergence: str, beta: float, with_ce: bool,
+                output_mask: Sequence[bool]):
     need_s, need_t, need_tau_s, need_tau_t = output_mask
     n, v = student.shape
     cdt = tau_s.dtype
@@ -147,93 +172,85 @@ def kd_backward(grad_div: Tensor, grad_ce: Tensor, student: Tensor, teacher: Ten
     gts_out = _out(need_tau_s, tau_s, n, cdt)
     gtt_out = _out(need_tau_t, tau_t, n, cdt)
     for rows in _row_blocks(n, v):
-        blk = _Block.from_lse(student, teacher, tau_s, tau_t, lse_s, lse_t, rows)
+        blk = _Block.from_stats(student, teacher, tau_s, tau_t, stats, rows)
         g_d = lab.mask_rows(grad_div[rows], rows)
         coef_s, coef_t = g_d / tau_s[rows], g_d / tau_t[rows]
-        value = div.value(blk)
-        dzs, dzt = div.grads(blk, value, need_s or need_tau_s, need_t or need_tau_t)
+        dzs, dzt = div.grads(blk, need_s or need_tau_s, need_t or need_tau_t)
         if need_s:
             gs = coef_s[:, None] * dzs
             if with_ce:
-                gs = gs + _ce_grad(student, lse_ce, lab, grad_ce, rows)
+                g_ce = lab.mask_rows(grad_ce[rows], rows)[:, None]
+                gs = (gs + g_ce * _hard_probs(student, stats, rows)).scatter_add(
+                    1, lab.safe[rows, None], -g_ce)
             gs_out[rows] = lab.mask_rows(gs, rows)
         if need_t:
             gt_out[rows] = lab.mask_rows(coef_t[:, None] * dzt, rows)
         if need_tau_s:
-            gts_out[rows] = -coef_s * (dzs * blk.zs_safe).sum(-1)
+            gts_out[rows] = lab.mask_rows(-coef_s * (dzs * blk.zs_safe).sum(-1), rows)
         if need_tau_t:
-            gtt_out[rows] = -coef_t * (dzt * blk.zt_safe).sum(-1)
+            gtt_out[rows] = lab.mask_rows(-coef_t * (dzt * blk.zt_safe).sum(-1), rows)
     return gs_out, gt_out, gts_out, gtt_out
 
 
-def _ce_probs(student: Tensor, lse_ce: Tensor, rows: slice) -> Tensor:
-    return (student[rows].to(lse_ce.dtype) - lse_ce[rows, None]).exp()
-
-
-def _ce_grad(student, lse_ce, lab: _Labels, grad_ce, rows) -> Tensor:
-    """gCE (softmax(s) − onehot(y)) for one block, ignored rows' cotangent zeroed."""
-    g_ce = lab.mask_rows(grad_ce[rows], rows)[:, None]
-    grad = g_ce * _ce_probs(student, lse_ce, rows)
-    return grad.scatter_add(1, lab.safe[rows, None], -g_ce)
+def _dot(x: Tensor, y: Tensor) -> Tensor:
+    return (x * y).sum(-1, keepdim=True)
 
 
 def kd_double_backward(v_student: Optional[Tensor], v_teacher: Optional[Tensor],
                        v_tau_s: Optional[Tensor], v_tau_t: Optional[Tensor],
                        grad_div: Tensor, grad_ce: Tensor, student: Tensor, teacher: Tensor,
-                       tau_s: Tensor, tau_t: Tensor, labels: Optional[Tensor], lse_s: Tensor,
-                       lse_t: Tensor, lse_ce: Tensor, ignore_index: int, divergence: str,
-                       beta: float, with_ce: bool, output_mask: Sequence[bool]):
+                       tau_s: Tensor, tau_t: Tensor, labels: Optional[Tensor], stats: Tensor,
+                       ignore_index: int, divergence: str, beta: float, with_ce: bool,
+                       output_mask: Sequence[bool]):
     need_gd, need_gce, need_s, need_t, need_tau_s, need_tau_t = output_mask
     n, v = student.shape
     cdt = tau_s.dtype
     div = make_divergence(divergence, beta)
     lab = _Labels(labels, ignore_index)
-    outs = (
-        _out(need_gd, grad_div, n, cdt),
-        _out(need_gce, grad_ce, n, cdt),
-        _out(need_s, student, (n, v), student.dtype),
-        _out(need_t, teacher, (n, v), teacher.dtype),
-        _out(need_tau_s, tau_s, n, cdt),
-        _out(need_tau_t, tau_t, n, cdt),
-    )
-    zeros_nv = None
+    d_gd, d_gce = _out(need_gd, grad_div, n, cdt), _out(need_gce, grad_ce, n, cdt)
+    d_s = _out(need_s, student, (n, v), student.dtype)
+    d_t = _out(need_t, teacher, (n, v), teacher.dtype)
+    d_ts, d_tt = _out(need_tau_s, tau_s, n, cdt), _out(need_tau_t, tau_t, n, cdt)
+    if need_gce and not with_ce:
+        d_gce.zero_()  # the cross-entropy cotangent is unused without the hard-label term
     for rows in _row_blocks(n, v):
-        blk = _Block.from_lse(student, teacher, tau_s, tau_t, lse_s, lse_t, rows)
-        if zeros_nv is None or zeros_nv.shape != blk.zs.shape:
-            zeros_nv = torch.zeros_like(blk.zs)
+        blk = _Block.from_stats(student, teacher, tau_s, tau_t, stats, rows)
         ts, tt = tau_s[rows, None], tau_t[rows, None]
-        vs = zeros_nv if v_student is None else v_student[rows].to(cdt)
-        vt = zeros_nv if v_teacher is None else v_teacher[rows].to(cdt)
+        vs = None if v_student is None else v_student[rows].to(cdt)
+        vt = None if v_teacher is None else v_teacher[rows].to(cdt)
         us = 0.0 if v_tau_s is None else v_tau_s[rows, None]
         ut = 0.0 if v_tau_t is None else v_tau_t[rows, None]
         g_d = lab.mask_rows(grad_div[rows], rows)[:, None]
-        value = div.value(blk)
-        a = (vs - us * blk.zs_safe) / ts
-        b = (vt - ut * blk.zt_safe) / tt
-        directional, h_s, h_t = div.hvp(blk, value, a, b)
-        dzs, dzt = div.grads(blk, value, True, True)
-        gs, gt = g_d / ts * dzs, g_d / tt * dzt
+        # Direction of the HVP in z-space; a cotangent on τ acts like one on z of −u·z.
+        a = -us * blk.zs_safe if vs is None else vs - us * blk.zs_safe
+        b = -ut * blk.zt_safe if vt is None else vt - ut * blk.zt_safe
+        directional, h_s, h_t = div.hvp(blk, a / ts, b / tt)
+        dzs, dzt = div.grads(blk, need_s or need_tau_s, need_t or need_tau_t)
         if need_gd:
-            outs[0][rows] = lab.mask_rows(directional, rows)
-        if need_gce or need_s:
-            p = _ce_probs(student, lse_ce, rows) if with_ce else None
-        if need_gce:
-            dot = (vs * p).sum(-1) - lab.gather(vs, rows) if with_ce else zeros_nv[:, 0]
-            outs[1][rows] = lab.mask_rows(dot, rows)
+            d_gd[rows] = lab.mask_rows(directional, rows)
+        p1 = _hard_probs(student, stats, rows) if with_ce and vs is not None else None
+        if need_gce and with_ce:
+            dot = torch.zeros_like(g_d[:, 0]) if vs is None else (
+                _dot(vs, p1).squeeze(-1) - lab.gather(vs, rows))
+            d_gce[rows] = lab.mask_rows(dot, rows)
+        if need_s or need_tau_s:
+            gs = g_d / ts * dzs
+        if need_t or need_tau_t:
+            gt = g_d / tt * dzt
         if need_s:
-            d_s = g_d / ts * h_s - us / ts * gs
-            if with_ce:
+            ds = g_d / ts * h_s - us / ts * gs
+            if p1 is not None:
                 g_ce = lab.mask_rows(grad_ce[rows], rows)[:, None]
-                d_s = d_s + g_ce * p * (vs - (p * vs).sum(-1, keepdim=True))
-            outs[2][rows] = lab.mask_rows(d_s, rows)
+                ds = ds + g_ce * p1 * (vs - _dot(p1, vs))
+            d_s[rows] = lab.mask_rows(ds, rows)
         if need_t:
-            outs[3][rows] = lab.mask_rows(g_d / tt * h_t - ut / tt * gt, rows)
+            d_t[rows] = lab.mask_rows(g_d / tt * h_t - ut / tt * gt, rows)
         if need_tau_s:
-            outs[4][rows] = (-(g_d / ts * h_s * blk.zs_safe).sum(-1, keepdim=True)
-                             - ((vs - 2 * us * blk.zs_safe) * gs).sum(-1, keepdim=True) / ts
-                             ).squeeze(-1)
+            w = -2 * us * blk.zs_safe if vs is None else vs - 2 * us * blk.zs_safe
+            d_ts[rows] = lab.mask_rows(
+                (-_dot(g_d / ts * h_s, blk.zs_safe) - _dot(w, gs) / ts).squeeze(-1), rows)
         if need_tau_t:
-            outs[5][rows] = (-(g_d / tt * h_t * blk.zt_safe).sum(-1, keepdim=True)
-                             - ((vt - 2 * ut * blk.zt_safe) * gt).sum(-1, keepdim=True) / tt
-                             ).squeeze(-1)
-    return outs
+            w = -2 * ut * blk.zt_safe if vt is None else vt - 2 * ut * blk.zt_safe
+            d_tt[rows] = lab.mask_rows(
+                (-_dot(g_d / tt * h_t, blk.zt_safe) - _dot(w, gt) / tt).squeeze(-1), rows)
+    return d_gd, d_gce, d_s, d_t, d_ts, d_tt

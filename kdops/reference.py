@@ -34,9 +34,11 @@ def divergence_rows(logps: Tensor, logpt: Tensor, divergence: str, beta: float) 
         return kl_rows(logpt, logps)
     if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1):
         return kl_rows(logps, logpt)
-    # TRL's generalized JSD: the mixture in log space through logsumexp.
-    log_m = torch.logsumexp(torch.stack([logps + math.log(1 - beta),
-                                         logpt + math.log(beta)]), dim=0)
+    # TRL's generalized JSD: the mixture in log space through logsumexp. Entries masked in
+    # both are taken out of the logsumexp, whose gradient there would be 0 · NaN.
+    both = torch.isneginf(logps) & torch.isneginf(logpt)
+    mix = torch.stack([logps + math.log(1 - beta), logpt + math.log(beta)])
+    log_m = torch.where(both, -math.inf, torch.logsumexp(torch.where(both, 0.0, mix), dim=0))
     return beta * kl_rows(logpt, log_m) + (1 - beta) * kl_rows(logps, log_m)
 
 
@@ -48,12 +50,17 @@ def _per_row(x, lead, n, dtype):
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature=1.0,
             teacher_temperature=None, divergence="kl", beta=0.5, scale=None, labels=None,
-            alpha=None, ignore_index=-100, reduction="batchmean") -> Tensor:
-    """Composite twin of :func:`kdops.fused_kd_loss` (same arguments and semantics)."""
+            alpha=None, ignore_index=-100, reduction="batchmean",
+            compute_dtype=None) -> Tensor:
+    """Composite twin of :func:`kdops.fused_kd_loss` (same arguments and semantics).
+
+    ``compute_dtype=None`` computes in float32 or wider, like kdops; pass the logits' own
+    low-precision dtype to get what plain eager code computes in bf16/fp16.
+    """
     lead, v = student_logits.shape[:-1], student_logits.shape[-1]
     n = lead.numel()
-    dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype),
-                                torch.float32)
+    dtype = compute_dtype or torch.promote_types(
+        torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
     s = student_logits.reshape(n, v).to(dtype)
     t = teacher_logits.reshape(n, v).to(dtype)
     tau_s = _per_row(temperature, lead, n, dtype)
