@@ -23,11 +23,6 @@ def _dot(x: Tensor, y: Tensor) -> Tensor:
     return (x * y).sum(-1, keepdim=True)
 
 
-def _guarded(p: Tensor, x: Tensor) -> Tensor:
-    """x where p is nonzero, 0 where p == 0: the 0·log 0 = 0 convention."""
-    return torch.where(p == 0, 0.0, x)
-
-
 class KLDivergence:
     """D = KL(P‖Q) = Σ P (log P − log Q), P = softmax(x), Q = softmax(y).
 
@@ -52,41 +47,36 @@ class KLDivergence:
         """Map (d_x, d_y) <-> (d_student, d_teacher)."""
         return (d_teacher, d_student) if self.p_is_teacher else (d_student, d_teacher)
 
-    def _log_ratio(self, rows):
-        p, logp, _, logq = self._pq(rows)
-        return _guarded(p, logp - logq)
-
-    def _centred_log_ratio(self, rows):
-        """A − D, where D = ⟨P, A⟩."""
-        p = self._pq(rows)[0]
-        log_ratio = self._log_ratio(rows)
-        return log_ratio - _dot(p, log_ratio)
+    def _terms(self, rows):
+        """(P, Q, A − D [R, V], D [R]) of a block, computed once per block."""
+        key = ("kl", self.p_is_teacher)
+        if key not in rows.memo:
+            p, logp, q, logq = self._pq(rows)
+            log_ratio = logp - logq
+            value = _dot(p, log_ratio)
+            rows.memo[key] = (p, q, log_ratio - value, value.squeeze(-1))
+        return rows.memo[key]
 
     def value(self, rows) -> Tensor:
-        p = self._pq(rows)[0]
-        return (p * self._log_ratio(rows)).sum(-1)
+        return self._terms(rows)[3]
 
     def grads(self, rows, need_student: bool, need_teacher: bool):
         """(∂D/∂z_student, ∂D/∂z_teacher); an entry is None when not needed."""
-        p, _, q, _ = self._pq(rows)
+        p, q, ratio, _ = self._terms(rows)
         need_x, need_y = self._swap(need_student, need_teacher)
-        gx = p * self._centred_log_ratio(rows) if need_x else None
-        gy = q - p if need_y else None
-        return self._swap(gx, gy)
+        return self._swap(p * ratio if need_x else None, q - p if need_y else None)
 
     def hvp(self, rows, a: Tensor, b: Tensor):
-        """(⟨a, ∂D/∂zs⟩ + ⟨b, ∂D/∂zt⟩ per row, H_student, H_teacher)."""
-        p, _, q, _ = self._pq(rows)
+        """(⟨a, ∂D/∂zs⟩ + ⟨b, ∂D/∂zt⟩ per row, H_student, H_teacher, ∂D/∂zs, ∂D/∂zt)."""
+        p, q, ratio, _ = self._terms(rows)
         dx, dy = self._swap(a, b)
-        ratio = self._centred_log_ratio(rows)
         gx, gy = p * ratio, q - p
         gx_dx = _dot(gx, dx)
         c = dx - _dot(p, dx)
         hx = p * (c * (ratio + 1) - gx_dx - dy + _dot(p, dy))
         hy = q * (dy - _dot(q, dy)) - p * c
         directional = (gx_dx + _dot(gy, dy)).squeeze(-1)
-        h_student, h_teacher = self._swap(hx, hy)
-        return directional, h_student, h_teacher
+        return (directional, *self._swap(hx, hy), *self._swap(gx, gy))
 
 
 class JensenShannon:
@@ -113,14 +103,18 @@ class JensenShannon:
         self.beta = beta
 
     def _logs(self, rows):
-        """(e_s, e_t), each 0 where its probability is 0."""
+        """(e_s, e_t), computed once per block."""
+        if "jsd" not in rows.memo:
+            rows.memo["jsd"] = self._compute_logs(rows)
+        return rows.memo["jsd"]
+
+    def _compute_logs(self, rows):
         d = rows.logpt - rows.logps
         below = d <= 0
         e_s_below = -torch.log1p(self.beta * torch.expm1(torch.where(below, d, 0.0)))
         e_t_above = -torch.log1p((1.0 - self.beta) * torch.expm1(torch.where(below, 0.0, -d)))
-        e_s = torch.where(below, e_s_below, e_t_above - d)
-        e_t = torch.where(below, e_s_below + d, e_t_above)
-        return _guarded(rows.ps, e_s), _guarded(rows.pt, e_t)
+        return torch.where(below, e_s_below, e_t_above - d), torch.where(below, e_s_below + d,
+                                                                          e_t_above)
 
     def value(self, rows) -> Tensor:
         e_s, e_t = self._logs(rows)
@@ -141,14 +135,14 @@ class JensenShannon:
         da = a - _dot(ps, a)
         db = b - _dot(pt, b)
         dps, dpt = ps * da, pt * db
-        w_s = _guarded(ps, (1.0 - beta) * e_s.exp())
-        w_t = _guarded(pt, beta * e_t.exp())
+        w_s, w_t = (1.0 - beta) * e_s.exp(), beta * e_t.exp()
         r = w_t * db + w_s * da
         de_s, de_t = da - r, db - r
         h_s = (1.0 - beta) * (dps * centred_s + ps * (de_s - _dot(dps, e_s) - _dot(ps, de_s)))
         h_t = beta * (dpt * centred_t + pt * (de_t - _dot(dpt, e_t) - _dot(pt, de_t)))
-        directional = ((1.0 - beta) * _dot(a, ps * centred_s) + beta * _dot(b, pt * centred_t))
-        return directional.squeeze(-1), h_s, h_t
+        g_s, g_t = (1.0 - beta) * ps * centred_s, beta * pt * centred_t
+        directional = _dot(a, g_s) + _dot(b, g_t)
+        return directional.squeeze(-1), h_s, h_t, g_s, g_t
 
 
 def make_divergence(name: str, beta: float):

@@ -10,7 +10,8 @@ The portable implementation (`kdops._portable`) is registered as CompositeExplic
 it serves every device; a native kernel registered for a backend key (CPU, CUDA) overrides it.
 Tensors are rows-flattened: logits [N, V] (any floating dtype), temperatures [N] in the compute
 dtype (float64 if either logits tensor is float64, else float32), labels [N] int64 or None.
-The statistics output ([6, N]: row max and log Σ exp(z − max) of zs, zt and s at T = 1) is
+The statistics output ([6, N]: row max of zs and zt, log Σ exp(z − max) of zs and zt, then
+row max and log Σ exp(s − max) of s at T = 1) is
 saved for the backward ops, not a differentiable result: their formulas are total derivatives
 that already account for it.
 """

@@ -23,8 +23,8 @@ direction (a, b) (see `_divergences`), gs = (gD / τs) ∂D/∂zs, gt = (gD / τ
     ∂Φ/∂τt  = −(gD / τt) ⟨Ht, zt⟩ − (1 / τt) ⟨vt − 2 ut zt, gt⟩
 
 Row statistics (``stats``, [6, N] in the compute dtype) are the row max and
-log Σ exp(z − max) of zs, zt and of s at T = 1; the backward ops recompute probabilities from
-them. `-inf` logits are treated as z = 0 inside inner products with z (their probability, and
+log Σ exp(z − max) of zs, zt and of s at T = 1 (layout: MAX, LOGSUM, HARD below); the backward
+ops recompute probabilities from them. `-inf` logits are treated as z = 0 inside inner products with z (their probability, and
 so every gradient entry that multiplies them, is exactly zero).
 """
 from __future__ import annotations
@@ -38,7 +38,9 @@ from torch import Tensor
 from ._divergences import make_divergence
 
 BLOCK_ELEMENTS = 1 << 16
-STUDENT, TEACHER, HARD = 0, 2, 4  # first row of each (max, log-sum) pair in stats
+# Rows of the [6, N] statistics: row max of (zs, zt), then log Σ exp(z − max) of (zs, zt),
+# then the same pair for s at T = 1 (cross-entropy), each pair written in one go.
+MAX, LOGSUM, HARD = slice(0, 2), slice(2, 4), 4
 
 
 def _row_blocks(n: int, v: int) -> Iterator[slice]:
@@ -51,25 +53,27 @@ def _zero_neg_inf(z: Tensor) -> Tensor:
     return torch.where(torch.isneginf(z), 0.0, z)
 
 
-def _log_softmax_stats(z: Tensor, stats: Tensor, first: int, rows: slice) -> Tensor:
-    """log softmax(z) per row; writes the row max and log Σ exp(z − max) into stats.
+def _scaled(student, teacher, tau_s, tau_t, rows) -> Tensor:
+    """[2, R, V] stack of (s / τs, t / τt) for one block, in the compute dtype."""
+    z = student.new_empty((2, *student[rows].shape), dtype=tau_s.dtype)
+    torch.div(student[rows], tau_s[rows, None], out=z[0])
+    torch.div(teacher[rows], tau_t[rows, None], out=z[1])
+    return z
+
+
+def _log_softmax_stats(z: Tensor):
+    """(log softmax(z), row max, log Σ exp(z − max)) over the last dim.
 
     At the row maximum log_softmax is exactly −log Σ exp(z − max), so both statistics are
     read off the fused log_softmax without another pass of exponentials.
     """
     logp = torch.log_softmax(z, dim=-1)
-    stats[first, rows] = z.amax(-1)
-    stats[first + 1, rows] = -logp.amax(-1)
-    return logp
-
-
-def _shifted(z: Tensor, stats: Tensor, first: int, rows: slice) -> Tensor:
-    """z − rowmax(z), from the saved statistics."""
-    return z - stats[first, rows, None]
+    return logp, z.amax(-1), logp.amax(-1).neg_()
 
 
 class _Block:
-    """Max-shifted scaled logits and log-probabilities of one block of rows.
+    """Max-shifted scaled logits and log-probabilities of one block, student and teacher
+    stacked along a leading dim of 2.
 
     Probabilities are recomputed as exp((z − max) − log Σ exp(z − max)), as exact as
     log_softmax; (z − logsumexp) would lose the low bits of z when |z| is large (at |z| ~ 1e4
@@ -78,15 +82,18 @@ class _Block:
     shift (the divergences are), and the shift removes the cancellation of a common offset.
     """
 
-    def __init__(self, ys: Tensor, yt: Tensor, logps: Tensor, logpt: Tensor):
-        self.ys, self.yt, self.logps, self.logpt = ys, yt, logps, logpt
+    def __init__(self, logp: Tensor, shifted: Optional[Tensor] = None):
+        # Clamped at the lowest finite value: differences of log-probabilities of masked
+        # entries are finite (and multiplied by p = 0), see `_divergences`.
+        self.logp = logp.clamp_(min=torch.finfo(logp.dtype).min)
+        self.shifted = shifted
+        self.logps, self.logpt = self.logp[0], self.logp[1]
+        self.memo = {}  # per-divergence intermediates, shared by value/grads/hvp
 
     @classmethod
     def from_stats(cls, student, teacher, tau_s, tau_t, stats, rows):
-        ys = _shifted(student[rows] / tau_s[rows, None], stats, STUDENT, rows)
-        yt = _shifted(teacher[rows] / tau_t[rows, None], stats, TEACHER, rows)
-        return cls(ys, yt, ys - stats[STUDENT + 1, rows, None],
-                   yt - stats[TEACHER + 1, rows, None])
+        shifted = _scaled(student, teacher, tau_s, tau_t, rows).sub_(stats[MAX, rows, None])
+        return cls(shifted - stats[LOGSUM, rows, None], shifted)
 
     @cached_property
     def ps(self) -> Tensor:
@@ -97,13 +104,9 @@ class _Block:
         return self.logpt.exp()
 
     @cached_property
-    def zs_safe(self) -> Tensor:
-        """Shifted zs with -inf entries (p = 0) set to 0."""
-        return _zero_neg_inf(self.ys)
-
-    @cached_property
-    def zt_safe(self) -> Tensor:
-        return _zero_neg_inf(self.yt)
+    def z_safe(self) -> Tensor:
+        """Shifted (zs, zt) with -inf entries (p = 0) set to 0."""
+        return _zero_neg_inf(self.shifted)
 
 
 class _Labels:
@@ -128,8 +131,8 @@ class _Labels:
 
 def _hard_probs(student: Tensor, stats: Tensor, rows: slice) -> Tensor:
     """softmax(s) at T = 1 for one block, from the saved statistics."""
-    shifted = _shifted(student[rows].to(stats.dtype), stats, HARD, rows)
-    return (shifted - stats[HARD + 1, rows, None]).exp()
+    shifted = student[rows].to(stats.dtype) - stats[HARD, rows, None]
+    return shifted.sub_(stats[HARD + 1, rows, None]).exp_()
 
 
 def _out(flag: bool, like: Tensor, shape, dtype) -> Tensor:
@@ -147,13 +150,12 @@ def kd_forward(student: Tensor, teacher: Tensor, tau_s: Tensor, tau_t: Tensor,
     ce_out = student.new_zeros(n, dtype=cdt)
     stats = student.new_zeros(6, n, dtype=cdt)
     for rows in _row_blocks(n, v):
-        zs = student[rows] / tau_s[rows, None]
-        zt = teacher[rows] / tau_t[rows, None]
-        logps = _log_softmax_stats(zs, stats, STUDENT, rows)
-        logpt = _log_softmax_stats(zt, stats, TEACHER, rows)
-        d_out[rows] = lab.mask_rows(div.value(_Block(None, None, logps, logpt)), rows)
+        logp, stats[MAX, rows], stats[LOGSUM, rows] = _log_softmax_stats(
+            _scaled(student, teacher, tau_s, tau_t, rows))
+        d_out[rows] = lab.mask_rows(div.value(_Block(logp)), rows)
         if with_ce:
-            logp1 = _log_softmax_stats(student[rows].to(cdt), stats, HARD, rows)
+            logp1, stats[HARD, rows], stats[HARD + 1, rows] = _log_softmax_stats(
+                student[rows].to(cdt))
             ce_out[rows] = lab.mask_rows(-lab.gather(logp1, rows), rows)
     return d_out, ce_out, stats
 
@@ -186,9 +188,9 @@ def kd_backward(grad_div: Tensor, grad_ce: Tensor, student: Tensor, teacher: Ten
         if need_t:
             gt_out[rows] = lab.mask_rows(coef_t[:, None] * dzt, rows)
         if need_tau_s:
-            gts_out[rows] = lab.mask_rows(-coef_s * (dzs * blk.zs_safe).sum(-1), rows)
+            gts_out[rows] = lab.mask_rows(-coef_s * (dzs * blk.z_safe[0]).sum(-1), rows)
         if need_tau_t:
-            gtt_out[rows] = lab.mask_rows(-coef_t * (dzt * blk.zt_safe).sum(-1), rows)
+            gtt_out[rows] = lab.mask_rows(-coef_t * (dzt * blk.z_safe[1]).sum(-1), rows)
     return gs_out, gt_out, gts_out, gtt_out
 
 
@@ -222,10 +224,10 @@ def kd_double_backward(v_student: Optional[Tensor], v_teacher: Optional[Tensor],
         ut = 0.0 if v_tau_t is None else v_tau_t[rows, None]
         g_d = lab.mask_rows(grad_div[rows], rows)[:, None]
         # Direction of the HVP in z-space; a cotangent on τ acts like one on z of −u·z.
-        a = -us * blk.zs_safe if vs is None else vs - us * blk.zs_safe
-        b = -ut * blk.zt_safe if vt is None else vt - ut * blk.zt_safe
-        directional, h_s, h_t = div.hvp(blk, a / ts, b / tt)
-        dzs, dzt = div.grads(blk, need_s or need_tau_s, need_t or need_tau_t)
+        zs_safe, zt_safe = blk.z_safe
+        a = -us * zs_safe if vs is None else vs - us * zs_safe
+        b = -ut * zt_safe if vt is None else vt - ut * zt_safe
+        directional, h_s, h_t, dzs, dzt = div.hvp(blk, a / ts, b / tt)
         if need_gd:
             d_gd[rows] = lab.mask_rows(directional, rows)
         p1 = _hard_probs(student, stats, rows) if with_ce and vs is not None else None
@@ -246,11 +248,11 @@ def kd_double_backward(v_student: Optional[Tensor], v_teacher: Optional[Tensor],
         if need_t:
             d_t[rows] = lab.mask_rows(g_d / tt * h_t - ut / tt * gt, rows)
         if need_tau_s:
-            w = -2 * us * blk.zs_safe if vs is None else vs - 2 * us * blk.zs_safe
+            w = -2 * us * zs_safe if vs is None else vs - 2 * us * zs_safe
             d_ts[rows] = lab.mask_rows(
-                (-_dot(g_d / ts * h_s, blk.zs_safe) - _dot(w, gs) / ts).squeeze(-1), rows)
+                (-_dot(g_d / ts * h_s, zs_safe) - _dot(w, gs) / ts).squeeze(-1), rows)
         if need_tau_t:
-            w = -2 * ut * blk.zt_safe if vt is None else vt - 2 * ut * blk.zt_safe
+            w = -2 * ut * zt_safe if vt is None else vt - 2 * ut * zt_safe
             d_tt[rows] = lab.mask_rows(
-                (-_dot(g_d / tt * h_t, blk.zt_safe) - _dot(w, gt) / tt).squeeze(-1), rows)
+                (-_dot(g_d / tt * h_t, zt_safe) - _dot(w, gt) / tt).squeeze(-1), rows)
     return d_gd, d_gce, d_s, d_t, d_ts, d_tt

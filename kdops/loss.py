@@ -64,7 +64,10 @@ def _check_logits(student: Tensor, teacher: Tensor) -> None:
 
 def _row_values(value: Scalar, name: str, lead: torch.Size, n: int, like: Tensor,
                 dtype: torch.dtype, positive: bool) -> Tensor:
-    """A Python number or tensor broadcastable to the leading dims, as an [N] tensor."""
+    """A Python number or a tensor broadcastable to the leading dims, as an [N] tensor.
+
+    Python numbers are validated here, without touching the device; tensors are validated
+    with `_check_values` (no host sync)."""
     if isinstance(value, Tensor):
         if not value.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
@@ -197,9 +200,11 @@ def fused_kd_loss(
     div, ce, *_ = _ops.kd_forward(s, t, tau_s, tau_t, flat_labels, ignore_index, divergence,
                                   float(beta), with_ce)
 
-    c = tau_s * tau_s if scale is None else _row_values(scale, "scale", lead, n, s, cdt,
-                                                          positive=False)
-    rows = c * div
+    if scale is None:
+        c = temperature ** 2 if isinstance(temperature, numbers.Real) else tau_s * tau_s
+    else:
+        c = _row_values(scale, "scale", lead, n, s, cdt, positive=False)
+    rows = div * c
     if alpha is not None:
         rows = alpha * rows + (1 - alpha) * ce if with_ce else rows
     return _reduce(rows, flat_labels, ignore_index, lead, v, reduction)
@@ -212,8 +217,10 @@ def _reduce(rows: Tensor, labels: Optional[Tensor], ignore_index: int, lead: tor
     total = rows.sum()
     if reduction == "sum":
         return total
-    count = rows.new_tensor(rows.numel()) if labels is None else (labels != ignore_index).sum()
-    count = count.clamp(min=1).to(rows.dtype)
+    if labels is None:
+        count = max(rows.numel(), 1)
+    else:
+        count = (labels != ignore_index).sum().clamp(min=1).to(rows.dtype)
     return total / count if reduction == "batchmean" else total / (count * v)
 
 
