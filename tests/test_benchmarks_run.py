@@ -1,0 +1,17 @@
+"""The benchmark suite runs (tiny shapes, timing disabled) and its correctness checks pass."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_kd_loss_benchmarks_run():
+    env = dict(os.environ, KDOPS_BENCH_SHAPES="16x33,3x7")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
+         str(ROOT / "benchmarks" / "bench_kd_loss.py")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "16 passed" in proc.stdout
