@@ -46,19 +46,11 @@ kd_backward = torch.ops.kdops.kd_backward.default
 kd_double_backward = torch.ops.kdops.kd_double_backward.default
 
 
-def _rows(like, n, dtype):
-    return like.new_empty(n, dtype=dtype)
-
-
-def _masked(flag, like, shape, dtype):
-    return like.new_empty(shape if flag else 0, dtype=dtype)
-
-
 @torch.library.register_fake("kdops::kd_forward")
 def _(student, teacher, tau_s, tau_t, labels, ignore_index, divergence, beta, with_ce):
-    n = student.shape[0]
-    return _rows(student, n, tau_s.dtype), _rows(student, n, tau_s.dtype), _rows(
-        student, (6, n), tau_s.dtype)
+    n, cdt = student.shape[0], tau_s.dtype
+    return student.new_empty(n, dtype=cdt), student.new_empty(n, dtype=cdt), student.new_empty(
+        (6, n), dtype=cdt)
 
 
 @torch.library.register_fake("kdops::kd_backward")
@@ -66,10 +58,10 @@ def _(grad_div, grad_ce, student, teacher, tau_s, tau_t, labels, stats,
       ignore_index, divergence, beta, with_ce, output_mask):
     n = student.shape[0]
     return (
-        _masked(output_mask[0], student, student.shape, student.dtype),
-        _masked(output_mask[1], teacher, teacher.shape, teacher.dtype),
-        _masked(output_mask[2], tau_s, n, tau_s.dtype),
-        _masked(output_mask[3], tau_t, n, tau_t.dtype),
+        _portable.masked_output(output_mask[0], student, student.shape, student.dtype),
+        _portable.masked_output(output_mask[1], teacher, teacher.shape, teacher.dtype),
+        _portable.masked_output(output_mask[2], tau_s, n, tau_s.dtype),
+        _portable.masked_output(output_mask[3], tau_t, n, tau_t.dtype),
     )
 
 
@@ -79,12 +71,12 @@ def _(v_student, v_teacher, v_tau_s, v_tau_t, grad_div, grad_ce, student, teache
     n = student.shape[0]
     cdt = tau_s.dtype
     return (
-        _masked(output_mask[0], grad_div, n, cdt),
-        _masked(output_mask[1], grad_ce, n, cdt),
-        _masked(output_mask[2], student, student.shape, student.dtype),
-        _masked(output_mask[3], teacher, teacher.shape, teacher.dtype),
-        _masked(output_mask[4], tau_s, n, cdt),
-        _masked(output_mask[5], tau_t, n, cdt),
+        _portable.masked_output(output_mask[0], grad_div, n, cdt),
+        _portable.masked_output(output_mask[1], grad_ce, n, cdt),
+        _portable.masked_output(output_mask[2], student, student.shape, student.dtype),
+        _portable.masked_output(output_mask[3], teacher, teacher.shape, teacher.dtype),
+        _portable.masked_output(output_mask[4], tau_s, n, cdt),
+        _portable.masked_output(output_mask[5], tau_t, n, cdt),
     )
 
 

@@ -35,7 +35,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._divergences import make_divergence
+from ._divergences import _dot, make_divergence
 
 BLOCK_ELEMENTS = 1 << 16
 # Rows of the [6, N] statistics: row max of (zs, zt), then log Σ exp(z − max) of (zs, zt),
@@ -135,7 +135,10 @@ def _hard_probs(student: Tensor, stats: Tensor, rows: slice) -> Tensor:
     return shifted.sub_(stats[HARD + 1, rows, None]).exp_()
 
 
-def _out(flag: bool, like: Tensor, shape, dtype) -> Tensor:
+def masked_output(flag: bool, like: Tensor, shape, dtype) -> Tensor:
+    """An output of the given shape, or an empty one where the output mask says not needed.
+
+    Shared with the fake kernels in `_ops`, so both agree on the outputs' shapes."""
     return like.new_empty(shape if flag else 0, dtype=dtype)
 
 
@@ -169,10 +172,10 @@ def kd_backward(grad_div: Tensor, grad_ce: Tensor, student: Tensor, teacher: Ten
     cdt = tau_s.dtype
     div = make_divergence(divergence, beta)
     lab = _Labels(labels, ignore_index)
-    gs_out = _out(need_s, student, (n, v), student.dtype)
-    gt_out = _out(need_t, teacher, (n, v), teacher.dtype)
-    gts_out = _out(need_tau_s, tau_s, n, cdt)
-    gtt_out = _out(need_tau_t, tau_t, n, cdt)
+    gs_out = masked_output(need_s, student, (n, v), student.dtype)
+    gt_out = masked_output(need_t, teacher, (n, v), teacher.dtype)
+    gts_out = masked_output(need_tau_s, tau_s, n, cdt)
+    gtt_out = masked_output(need_tau_t, tau_t, n, cdt)
     for rows in _row_blocks(n, v):
         blk = _Block.from_stats(student, teacher, tau_s, tau_t, stats, rows)
         g_d = lab.mask_rows(grad_div[rows], rows)
@@ -194,10 +197,6 @@ def kd_backward(grad_div: Tensor, grad_ce: Tensor, student: Tensor, teacher: Ten
     return gs_out, gt_out, gts_out, gtt_out
 
 
-def _dot(x: Tensor, y: Tensor) -> Tensor:
-    return (x * y).sum(-1, keepdim=True)
-
-
 def kd_double_backward(v_student: Optional[Tensor], v_teacher: Optional[Tensor],
                        v_tau_s: Optional[Tensor], v_tau_t: Optional[Tensor],
                        grad_div: Tensor, grad_ce: Tensor, student: Tensor, teacher: Tensor,
@@ -209,10 +208,10 @@ def kd_double_backward(v_student: Optional[Tensor], v_teacher: Optional[Tensor],
     cdt = tau_s.dtype
     div = make_divergence(divergence, beta)
     lab = _Labels(labels, ignore_index)
-    d_gd, d_gce = _out(need_gd, grad_div, n, cdt), _out(need_gce, grad_ce, n, cdt)
-    d_s = _out(need_s, student, (n, v), student.dtype)
-    d_t = _out(need_t, teacher, (n, v), teacher.dtype)
-    d_ts, d_tt = _out(need_tau_s, tau_s, n, cdt), _out(need_tau_t, tau_t, n, cdt)
+    d_gd, d_gce = masked_output(need_gd, grad_div, n, cdt), masked_output(need_gce, grad_ce, n, cdt)
+    d_s = masked_output(need_s, student, (n, v), student.dtype)
+    d_t = masked_output(need_t, teacher, (n, v), teacher.dtype)
+    d_ts, d_tt = masked_output(need_tau_s, tau_s, n, cdt), masked_output(need_tau_t, tau_t, n, cdt)
     if need_gce and not with_ce:
         d_gce.zero_()  # the cross-entropy cotangent is unused without the hard-label term
     for rows in _row_blocks(n, v):
