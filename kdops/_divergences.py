@@ -48,28 +48,28 @@ class KLDivergence:
         return (d_teacher, d_student) if self.p_is_teacher else (d_student, d_teacher)
 
     def _terms(self, rows):
-        """(P, Q, A − D [R, V], D [R]) of a block, computed once per block."""
+        """(P, Q, A [R, V], D [R, 1]) of a block, computed once per block."""
         key = ("kl", self.p_is_teacher)
         if key not in rows.memo:
             p, logp, q, logq = self._pq(rows)
             log_ratio = logp - logq
-            value = _dot(p, log_ratio)
-            rows.memo[key] = (p, q, log_ratio - value, value.squeeze(-1))
+            rows.memo[key] = (p, q, log_ratio, _dot(p, log_ratio))
         return rows.memo[key]
 
     def value(self, rows) -> Tensor:
-        return self._terms(rows)[3]
+        return self._terms(rows)[3].squeeze(-1)
 
     def grads(self, rows, need_student: bool, need_teacher: bool):
         """(∂D/∂z_student, ∂D/∂z_teacher); an entry is None when not needed."""
-        p, q, ratio, _ = self._terms(rows)
+        p, q, log_ratio, value = self._terms(rows)
         need_x, need_y = self._swap(need_student, need_teacher)
-        return self._swap(p * ratio if need_x else None, q - p if need_y else None)
+        return self._swap(p * (log_ratio - value) if need_x else None, q - p if need_y else None)
 
     def hvp(self, rows, a: Tensor, b: Tensor):
         """(⟨a, ∂D/∂zs⟩ + ⟨b, ∂D/∂zt⟩ per row, H_student, H_teacher, ∂D/∂zs, ∂D/∂zt)."""
-        p, q, ratio, _ = self._terms(rows)
+        p, q, log_ratio, value = self._terms(rows)
         dx, dy = self._swap(a, b)
+        ratio = log_ratio - value
         gx, gy = p * ratio, q - p
         gx_dx = _dot(gx, dx)
         c = dx - _dot(p, dx)
