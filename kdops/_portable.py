@@ -197,6 +197,17 @@ def kd_backward(grad_div: Tensor, grad_ce: Tensor, student: Tensor, teacher: Ten
     return gs_out, gt_out, gts_out, gtt_out
 
 
+def _minus_uz(v: Optional[Tensor], u: Optional[Tensor], z, k: float, zeros) -> Tensor:
+    """v − k·u·z for one block, where a missing v or u is zero.
+
+    z is a callable so the (shifted, -inf-safe) logits are only formed when u is given.
+    """
+    if u is None:
+        return zeros() if v is None else v
+    kuz = (k * u) * z()
+    return -kuz if v is None else v - kuz
+
+
 def kd_double_backward(v_student: Optional[Tensor], v_teacher: Optional[Tensor],
                        v_tau_s: Optional[Tensor], v_tau_t: Optional[Tensor],
                        grad_div: Tensor, grad_ce: Tensor, student: Tensor, teacher: Tensor,
@@ -219,13 +230,22 @@ def kd_double_backward(v_student: Optional[Tensor], v_teacher: Optional[Tensor],
         ts, tt = tau_s[rows, None], tau_t[rows, None]
         vs = None if v_student is None else v_student[rows].to(cdt)
         vt = None if v_teacher is None else v_teacher[rows].to(cdt)
-        us = 0.0 if v_tau_s is None else v_tau_s[rows, None]
-        ut = 0.0 if v_tau_t is None else v_tau_t[rows, None]
+        us = None if v_tau_s is None else v_tau_s[rows, None]
+        ut = None if v_tau_t is None else v_tau_t[rows, None]
         g_d = lab.mask_rows(grad_div[rows], rows)[:, None]
+
+        def zs_safe():
+            return blk.z_safe[0]
+
+        def zt_safe():
+            return blk.z_safe[1]
+
+        def zeros():
+            return torch.zeros_like(blk.logps)
+
         # Direction of the HVP in z-space; a cotangent on τ acts like one on z of −u·z.
-        zs_safe, zt_safe = blk.z_safe
-        a = -us * zs_safe if vs is None else vs - us * zs_safe
-        b = -ut * zt_safe if vt is None else vt - ut * zt_safe
+        a = _minus_uz(vs, us, zs_safe, 1.0, zeros)
+        b = _minus_uz(vt, ut, zt_safe, 1.0, zeros)
         directional, h_s, h_t, dzs, dzt = div.hvp(blk, a / ts, b / tt)
         if need_gd:
             d_gd[rows] = lab.mask_rows(directional, rows)
@@ -239,19 +259,20 @@ def kd_double_backward(v_student: Optional[Tensor], v_teacher: Optional[Tensor],
         if need_t or need_tau_t:
             gt = g_d / tt * dzt
         if need_s:
-            ds = g_d / ts * h_s - us / ts * gs
+            ds = g_d / ts * h_s if us is None else g_d / ts * h_s - us / ts * gs
             if p1 is not None:
                 g_ce = lab.mask_rows(grad_ce[rows], rows)[:, None]
                 ds = ds + g_ce * p1 * (vs - _dot(p1, vs))
             d_s[rows] = lab.mask_rows(ds, rows)
         if need_t:
-            d_t[rows] = lab.mask_rows(g_d / tt * h_t - ut / tt * gt, rows)
+            dt = g_d / tt * h_t if ut is None else g_d / tt * h_t - ut / tt * gt
+            d_t[rows] = lab.mask_rows(dt, rows)
         if need_tau_s:
-            w = -2 * us * zs_safe if vs is None else vs - 2 * us * zs_safe
+            w = _minus_uz(vs, us, zs_safe, 2.0, zeros)
             d_ts[rows] = lab.mask_rows(
-                (-_dot(g_d / ts * h_s, zs_safe) - _dot(w, gs) / ts).squeeze(-1), rows)
+                (-_dot(g_d / ts * h_s, zs_safe()) - _dot(w, gs) / ts).squeeze(-1), rows)
         if need_tau_t:
-            w = -2 * ut * zt_safe if vt is None else vt - 2 * ut * zt_safe
+            w = _minus_uz(vt, ut, zt_safe, 2.0, zeros)
             d_tt[rows] = lab.mask_rows(
-                (-_dot(g_d / tt * h_t, zt_safe) - _dot(w, gt) / tt).squeeze(-1), rows)
+                (-_dot(g_d / tt * h_t, zt_safe()) - _dot(w, gt) / tt).squeeze(-1), rows)
     return d_gd, d_gce, d_s, d_t, d_ts, d_tt
