@@ -7,7 +7,8 @@ Three ops form a chain, each the derivative of the one before:
     kdops::kd_double_backward  the vector-Jacobian product of kd_backward (exact second order)
 
 The portable implementation (`kdops._portable`) is registered as CompositeExplicitAutograd, so
-it serves every device; a native kernel registered for a backend key (CPU, CUDA) overrides it.
+it serves every device; a native kernel registered for a backend key overrides it: the C++ CPU
+kernels of the compiled extension `kdops._C` (csrc/cpu) register for CPU when it is imported.
 Tensors are rows-flattened: logits [N, V] (any floating dtype), temperatures [N] in the compute
 dtype (float64 if either logits tensor is float64, else float32), labels [N] int64 or None.
 The statistics output ([6, N]: row max of zs and zt, log Σ exp(z − max) of zs and zt, then
@@ -16,6 +17,8 @@ saved for the backward ops, not a differentiable result: their formulas are tota
 that already account for it.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -40,6 +43,28 @@ _LIB.define(
 
 for _name in ("kd_forward", "kd_backward", "kd_double_backward"):
     _LIB.impl(_name, getattr(_portable, _name), "CompositeExplicitAutograd")
+
+def _load_native():
+    """Import the compiled kernels, which register themselves for their dispatch keys.
+
+    Without them (installed with KDOPS_NO_EXTENSION=1) every op runs the portable
+    implementation and `backend_info` says so; an extension that exists but fails to load
+    (built against another torch, say) is reported with a warning, never ignored.
+    """
+    try:
+        from . import _C
+    except ModuleNotFoundError as err:
+        if err.name != f"{__package__}._C":
+            raise
+        return None
+    except ImportError as err:
+        warnings.warn(f"kdops: native kernels failed to load, using the portable "
+                      f"implementation on every device ({err})", RuntimeWarning, stacklevel=2)
+        return None
+    return _C
+
+
+_NATIVE = _load_native()
 
 kd_forward = torch.ops.kdops.kd_forward.default
 kd_backward = torch.ops.kdops.kd_backward.default
@@ -130,13 +155,17 @@ torch.library.register_autograd("kdops::kd_double_backward", _third_order,
 def backend_info() -> dict:
     """Which implementation serves each kdops op, per device type.
 
-    Returns ``{"kd_forward": {"cpu": "portable", "cuda": "portable"}, ...}``: ``"native"``
-    where a kernel is registered for that device's dispatch key, ``"portable"`` where the
-    vectorized PyTorch implementation runs.
+    Returns ``{"kd_forward": {"cpu": "native", "cuda": "portable"}, ...,
+    "cpu_capability": "AVX2"}``: ``"native"`` where a kernel is registered for that device's
+    dispatch key, ``"portable"`` where the vectorized PyTorch implementation runs, and the
+    SIMD capability the native CPU kernels were dispatched to (None without them; set
+    ``ATEN_CPU_CAPABILITY`` before importing torch to choose a lower one, as for ATen).
     """
     has = torch._C._dispatch_has_kernel_for_dispatch_key
-    return {
+    info = {
         op: {dev: "native" if has(f"kdops::{op}", key) else "portable"
              for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
         for op in ("kd_forward", "kd_backward", "kd_double_backward")
     }
+    info["cpu_capability"] = _NATIVE.cpu_capability() if _NATIVE is not None else None
+    return info

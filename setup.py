@@ -1,0 +1,69 @@
+"""Build of kdops' native kernels (the package metadata lives in pyproject.toml).
+
+The CPU extension ``kdops._C`` is compiled from the sources listed in csrc/sources.txt (the
+list CMakeLists.txt reads too) with torch.utils.cpp_extension and ninja. As in ATen, a source
+named ``*_avx2.cpp`` or ``*_avx512.cpp`` is compiled with that capability's flags, and the
+kernels pick a capability at run time. torch is needed at build time, so install with
+``pip install --no-build-isolation .``; ``KDOPS_NO_EXTENSION=1`` installs the portable
+implementation only.
+"""
+import os
+import platform
+import sys
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+
+# Flags of ATen's x86 capabilities (cmake/Codegen.cmake in PyTorch), by source-name suffix.
+CAPABILITY_FLAGS = {
+    "_avx2.cpp": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
+                    "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+}
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+def capability_flags(source: str) -> list:
+    for suffix, flags in CAPABILITY_FLAGS.items():
+        if source.endswith(suffix):
+            return flags if X86 else []
+    return []
+
+
+def extensions():
+    if os.environ.get("KDOPS_NO_EXTENSION") == "1":
+        print("kdops: KDOPS_NO_EXTENSION=1, installing without native kernels "
+              "(every op runs the portable implementation)", file=sys.stderr)
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+    class Build(BuildExtension):
+        """Compiles capability sources with their flags, then the rest as usual."""
+
+        def build_extension(self, ext):
+            special = [s for s in ext.sources if capability_flags(s)]
+            ext.sources = [s for s in ext.sources if s not in special]
+            for source in special:
+                cxx = ext.extra_compile_args["cxx"] + capability_flags(source)
+                ext.extra_objects += self.compiler.compile(
+                    [source], output_dir=self.build_temp, include_dirs=ext.include_dirs,
+                    extra_postargs={"cxx": cxx} if self.use_ninja else cxx, depends=ext.depends)
+            super().build_extension(ext)
+
+    sources = (ROOT / "csrc" / "sources.txt").read_text().split()
+    ext = CppExtension(
+        "kdops._C",
+        sources + ["csrc/python_module.cpp"],
+        include_dirs=[str(ROOT / "csrc")],
+        # OpenMP as torch's CPU builds use it: at::parallel_for is a header template that
+        # runs serially in code compiled without it.
+        extra_compile_args={"cxx": ["-O3", "-fopenmp"]},
+        extra_link_args=["-fopenmp"],
+    )
+    return [ext], {"build_ext": Build}
+
+
+ext_modules, cmdclass = extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
