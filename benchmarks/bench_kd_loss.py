@@ -11,14 +11,23 @@ The composite is `reference.hinton_kd_loss`: kl_div(log_softmax(s/T), softmax(t/
                    <v, dL/ds> to student and teacher logits (MetaDistil's product)
 torch.compile (inductor) does not differentiate twice, so second_order compares kdops with
 eager only. Each benchmark first checks its result against the reference.
+
+Implementations: kdops (native kernels where built), kdops_portable (the portable PyTorch
+implementation forced on CPU; only when the native kernels are there, else it is what kdops
+runs), kdops_bf16 (kdops on bf16 logits), eager, compile. Each case also records in
+extra_info the peak memory it allocates beyond its inputs, in units of one [N, V] fp32
+tensor (Linux: peak RSS, reset before the run).
 """
+import contextlib
 import os
+import re
+import sys
 
 import pytest
 import torch
 
 import kdops
-from kdops import reference
+from kdops import _ops, reference
 
 TEMPERATURE = 2.0
 
@@ -38,7 +47,10 @@ def _eager(s, t):
 
 _compiled = torch.compile(_eager, dynamic=False)
 
-IMPLS = {"kdops": _kdops, "eager": _eager, "compile": _compiled}
+NATIVE = kdops.backend_info()["kd_forward"]["cpu"] == "native"
+IMPLS = {"kdops": _kdops, "kdops_bf16": _kdops, "eager": _eager, "compile": _compiled}
+if NATIVE:
+    IMPLS["kdops_portable"] = _kdops
 
 
 @pytest.fixture(scope="module", params=_shapes(), ids=lambda s: f"{s[0]}x{s[1]}")
@@ -76,15 +88,37 @@ MODES = {"forward": _forward, "forward_backward": _forward_backward,
 CASES = [(m, i) for m in MODES for i in IMPLS if not (m == "second_order" and i == "compile")]
 
 
+def _peak_extra(run, args, unit_bytes):
+    """Peak memory of one run beyond what was live before it, in units of `unit_bytes`."""
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def rss(key):
+        text = open("/proc/self/status").read()
+        return int(re.search(key + r":\s+(\d+) kB", text).group(1)) * 1024
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = rss("VmRSS")
+    run(*args)
+    return round((rss("VmHWM") - base) / unit_bytes, 2)
+
+
 @pytest.mark.parametrize("mode,impl", CASES, ids=[f"{m}-{i}" for m, i in CASES])
 def test_kd_loss(benchmark, inputs, mode, impl):
     s, t, cot = inputs
     run, fn = MODES[mode], IMPLS[impl]
-    expected = run(_eager, s.double(), t.double(), cot.double())
-    for got, want in zip(run(fn, s, t, cot), expected):
-        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
-    benchmark.group = f"{mode} {s.shape[0]}x{s.shape[1]}"
-    benchmark.extra_info.update(mode=mode, impl=impl, shape=list(s.shape), dtype="float32",
-                                threads=torch.get_num_threads(), torch=torch.__version__)
-    benchmark.pedantic(run, args=(fn, s, t, cot), rounds=5 if s.numel() > 1e6 else 50,
-                       warmup_rounds=1)
+    dtype = torch.bfloat16 if impl == "kdops_bf16" else torch.float32
+    context = _ops.portable_on_cpu() if impl == "kdops_portable" else contextlib.nullcontext()
+    args = (fn, s.to(dtype), t.to(dtype), cot.to(dtype))
+    expected = run(_eager, *(x.to(dtype).double() for x in (s, t, cot)))
+    tol = dict(rtol=2e-2, atol=1e-3) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-6)
+    with context:
+        for got, want in zip(run(*args), expected):
+            torch.testing.assert_close(got.double(), want, **tol)
+        benchmark.group = f"{mode} {s.shape[0]}x{s.shape[1]}"
+        benchmark.extra_info.update(
+            mode=mode, impl=impl, shape=list(s.shape), dtype=str(dtype).removeprefix("torch."),
+            threads=torch.get_num_threads(), torch=torch.__version__,
+            peak_extra_nv_fp32=_peak_extra(run, args, s.numel() * 4))
+        benchmark.pedantic(run, args=args, rounds=5 if s.numel() > 1e6 else 50, warmup_rounds=1)

@@ -18,6 +18,7 @@ that already account for it.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -113,9 +114,24 @@ def _forward_setup(ctx, inputs, output):
     ctx.config = config
 
 
+def _wanted(ctx, count):
+    """needs_input_grad of the first `count` inputs, narrowed to those the running backward
+    pass will use: ``torch.autograd.grad(loss, student)`` drops the teacher's gradient, so it
+    is not computed (the engine tells which next nodes it will execute). Where the engine
+    cannot say (a backward traced by torch.compile), every input that requires grad counts.
+    """
+    mask = list(ctx.needs_input_grad[:count])
+    try:
+        nodes = ctx.next_functions
+        return [m and nodes[i][0] is not None and torch._C._will_engine_execute_node(nodes[i][0])
+                for i, m in enumerate(mask)]
+    except (AttributeError, RuntimeError):
+        return mask
+
+
 def _forward_backward(ctx, grad_div, grad_ce, _stats_grad):
     tensors = ctx.saved_tensors
-    mask = list(ctx.needs_input_grad[:4])
+    mask = _wanted(ctx, 4)
     if not any(mask):
         return (None,) * 9
     grads = kd_backward(grad_div, grad_ce, *tensors, *ctx.config, mask)
@@ -129,7 +145,7 @@ def _backward_setup(ctx, inputs, output):
 
 
 def _backward_backward(ctx, *cotangents):
-    mask = list(ctx.needs_input_grad[:6])
+    mask = _wanted(ctx, 6)
     if not any(mask):
         return (None,) * 13
     vs = [v if done else None for v, done in zip(cotangents, ctx.computed)]
@@ -150,6 +166,24 @@ torch.library.register_autograd("kdops::kd_backward", _backward_backward,
                                 setup_context=_backward_setup)
 torch.library.register_autograd("kdops::kd_double_backward", _third_order,
                                 setup_context=lambda ctx, inputs, output: None)
+
+
+@contextlib.contextmanager
+def portable_on_cpu():
+    """Run the kdops ops on CPU with the portable implementation inside this block.
+
+    Registers the portable functions as CPU kernels over the native ones and removes them on
+    exit, so tests and benchmarks can compare both implementations in one process.
+    """
+    lib = torch.library.Library("kdops", "IMPL")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Oo]verrid.*")
+        for name in ("kd_forward", "kd_backward", "kd_double_backward"):
+            lib.impl(name, getattr(_portable, name), "CPU")
+    try:
+        yield
+    finally:
+        lib._destroy()
 
 
 def backend_info() -> dict:

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import kdops
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -14,4 +16,5 @@ def test_kd_loss_benchmarks_run():
          str(ROOT / "benchmarks" / "bench_kd_loss.py")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "16 passed" in proc.stdout
+    cases_per_shape = 14 if kdops.backend_info()["kd_forward"]["cpu"] == "native" else 11
+    assert f"{2 * cases_per_shape} passed" in proc.stdout

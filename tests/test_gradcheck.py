@@ -9,8 +9,10 @@ from torch.autograd import gradcheck, gradgradcheck
 
 import kdops
 from cases import (DIVERGENCE_IDS, DIVERGENCES, REDUCTIONS, labels_for, logits, mask_vocab,
-                   positive,
-                   temperatures)
+                   positive, temperatures)
+
+
+pytestmark = pytest.mark.usefixtures("backend")
 
 N, V = 4, 5
 

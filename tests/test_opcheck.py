@@ -5,6 +5,9 @@ import torch
 from kdops import _ops
 from cases import DIVERGENCE_IDS, DIVERGENCES, labels_for, logits, positive
 
+
+pytestmark = pytest.mark.usefixtures("backend")
+
 N, V = 5, 9
 
 

@@ -14,6 +14,8 @@ import kdops
 from cases import DIVERGENCE_IDS, DIVERGENCES, labels_for, logits, mask_vocab, positive
 from kdops import reference
 
+pytestmark = pytest.mark.usefixtures("backend")
+
 FLOOR = 32 * torch.finfo(torch.float32).eps
 
 

@@ -14,6 +14,9 @@ namespace kdops::cpu::CPU_CAPABILITY {
 // Scratch rows.
 enum : int { XS, XT, ZS, ZT, LS, LT, PS, PT, GS, GT, ES, ET, DES, DET, VA, VB, HS, HT, VS, VT, P1, OUT,
              kScratchRows };
+template <typename T>
+using Workspace = Scratch<T, kScratchRows>;
+
 // Rows of the [6, n] statistics: max of zs, zt; log Σ exp(z − max) of zs, zt; max and
 // log Σ exp(s − max) of s at T = 1.
 enum : int { MAX_S, MAX_T, LOG_S, LOG_T, MAX_HARD, LOG_HARD };
@@ -28,7 +31,7 @@ struct Prepared {
 // z = x / τ for both sides of row r, in one pass over the logits; returns the row maxima of zs
 // and zt and the student's row of logits.
 template <typename T>
-std::tuple<T, T, const T*> load_scaled(const Problem& p, Scratch<T>& w, int64_t r, T* zs, T* zt) {
+std::tuple<T, T, const T*> load_scaled(const Problem& p, Workspace<T>& w, int64_t r, T* zs, T* zt) {
   const int64_t v = p.v;
   const T* xs = row_values(p.student, p.student_dtype, r, v, w.row(XS));
   const T* xt = row_values(p.teacher, p.teacher_dtype, r, v, w.row(XT));
@@ -51,7 +54,7 @@ std::tuple<T, T, const T*> load_scaled(const Problem& p, Scratch<T>& w, int64_t 
 // (stats == null) computes the maxima and sums and takes p = exp(z − max) / Σ; the backward
 // ops read the maxima and log-sums from `stats` and take p = exp(log p) in a single pass.
 template <typename T>
-Prepared<T> prepare(const Problem& p, Scratch<T>& w, int64_t r, const T* stats) {
+Prepared<T> prepare(const Problem& p, Workspace<T>& w, int64_t r, const T* stats) {
   const int64_t v = p.v, n = p.n;
   Row<T> row{v, w.row(ZS), w.row(ZT), w.row(LS), w.row(LT), w.row(PS), w.row(PT)};
   const auto [max_s, max_t, xs] = load_scaled(p, w, r, row.zs, row.zt);
@@ -118,7 +121,7 @@ T dot_z(const T* g, const T* z, int64_t v) {
 
 // Calls f with the divergence object of this problem.
 template <typename T, typename F>
-void with_divergence(const Problem& p, Scratch<T>& w, const F& f) {
+void with_divergence(const Problem& p, Workspace<T>& w, const F& f) {
   switch (p.divergence) {
     case Divergence::ForwardKL: return f(KL<T>{true});
     case Divergence::ReverseKL: return f(KL<T>{false});
@@ -129,7 +132,7 @@ void with_divergence(const Problem& p, Scratch<T>& w, const F& f) {
 
 template <typename T>
 void forward_rows(const Problem& p, const ForwardOut& o, int64_t begin, int64_t end) {
-  Scratch<T> w(p.v, kScratchRows);
+  Workspace<T> w(p.v);
   T* stats = static_cast<T*>(p.stats);
   T* div_out = static_cast<T*>(o.div);
   T* ce_out = static_cast<T*>(o.ce);
@@ -176,7 +179,7 @@ void forward_rows(const Problem& p, const ForwardOut& o, int64_t begin, int64_t 
 //   ∂/∂τs = −(gD / τs) ⟨∂D/∂zs, zs⟩                            ∂/∂τt = −(gD / τt) ⟨∂D/∂zt, zt⟩
 template <typename T>
 void backward_rows(const Problem& p, const BackwardIo& io, int64_t begin, int64_t end) {
-  Scratch<T> w(p.v, kScratchRows);
+  Workspace<T> w(p.v);
   const T* stats = static_cast<const T*>(p.stats);
   const T* grad_div = static_cast<const T*>(io.grad_div);
   const T* grad_ce = static_cast<const T*>(io.grad_ce);

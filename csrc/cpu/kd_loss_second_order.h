@@ -72,7 +72,7 @@ void zero_double_backward_row(const Problem& p, const DoubleBackwardIo& io, int6
 template <typename T>
 void double_backward_rows(const Problem& p, const DoubleBackwardIo& io, int64_t begin,
                           int64_t end) {
-  Scratch<T> w(p.v, kScratchRows);
+  Workspace<T> w(p.v);
   const T* stats = static_cast<const T*>(p.stats);
   const T* grad_div = static_cast<const T*>(io.grad_div);
   const T* grad_ce = static_cast<const T*>(io.grad_ce);

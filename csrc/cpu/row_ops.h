@@ -31,16 +31,20 @@ int64_t padded(int64_t n) {
   return (n + kLanes<T> - 1) / kLanes<T> * kLanes<T>;
 }
 
-// `count` scratch rows of `n` values (padded), owned by one call on one thread.
-template <typename T>
+// Scratch rows of `n` values (padded), owned by one call on one thread; a row is allocated
+// when first used, so a call holds only the rows its path needs.
+template <typename T, int Rows>
 class Scratch {
  public:
-  Scratch(int64_t n, int count) : stride_(padded<T>(n)), buf_(stride_ * count + kLanes<T>) {}
-  T* row(int k) { return buf_.data() + k * stride_; }
+  explicit Scratch(int64_t n) : length_(padded<T>(n)) {}
+  T* row(int k) {
+    if (rows_[k].empty()) rows_[k].resize(length_);
+    return rows_[k].data();
+  }
 
  private:
-  int64_t stride_;
-  std::vector<T> buf_;
+  int64_t length_;
+  std::array<std::vector<T>, Rows> rows_;
 };
 
 // out[i] = f(i) vector by vector, over the padded length.

@@ -1,0 +1,185 @@
+"""The native CPU kernels (kdops._C): really the ones used, independent of the thread count and
+of the CPU capability, equal to the portable implementation in mixed dtypes, and free of
+[N, V] temporaries. The core suites (gradcheck, values, opcheck) run on them too, through the
+``backend`` fixture of conftest.py.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kdops
+from kdops import _ops
+from cases import logits, mask_vocab, positive
+
+from conftest import NATIVE
+
+pytestmark = pytest.mark.skipif(not NATIVE, reason="kdops._C is not built (KDOPS_NO_EXTENSION=1)")
+
+DIVS = [("kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)]
+
+
+def _all_ops(s, t, tau_s, tau_t, labels, divergence, beta, cot):
+    """Outputs of forward, backward and second-order backward with every input differentiated."""
+    s, t = s.detach().requires_grad_(), t.detach().requires_grad_()
+    tau_s, tau_t = tau_s.detach().requires_grad_(), tau_t.detach().requires_grad_()
+    loss = kdops.fused_kd_loss(s, t, temperature=tau_s, teacher_temperature=tau_t,
+                               divergence=divergence, beta=beta, labels=labels,
+                               alpha=None if labels is None else 0.7, reduction="sum")
+    grads = torch.autograd.grad(loss, (s, t, tau_s, tau_t), create_graph=True)
+    phi = (grads[0] * cot).sum() + (grads[1] * cot).sum() + grads[2].sum() + grads[3].sum()
+    return [loss, *grads, *torch.autograd.grad(phi, (s, t, tau_s, tau_t))]
+
+
+def test_backend_info_reports_native():
+    info = kdops.backend_info()
+    for op in ("kd_forward", "kd_backward", "kd_double_backward"):
+        assert info[op]["cpu"] == "native"
+    assert info["cpu_capability"] in ("DEFAULT", "AVX2", "AVX512")
+
+
+def test_native_kernels_are_the_ones_that_run():
+    s, t = logits(6, 40, seed=0), logits(6, 40, seed=1)
+    cot = torch.randn(6, 40)
+
+    def aten_ops():
+        with torch.profiler.profile() as prof:
+            _all_ops(s, t, positive(6, seed=2), positive(6, seed=3), None, "kl", 0.5, cot)
+        return {e.name for e in prof.events()}
+
+    native = aten_ops()
+    assert {"kdops::kd_forward", "kdops::kd_backward", "kdops::kd_double_backward"} <= native
+    assert not {"aten::exp", "aten::_log_softmax"} & native
+    with _ops.portable_on_cpu():
+        assert {"aten::exp", "aten::_log_softmax"} & aten_ops()
+
+
+@pytest.mark.parametrize("divergence,beta", DIVS)
+def test_bitwise_independent_of_thread_count(divergence, beta):
+    n, v = 96, 1001  # several tasks per thread: rows split differently with 1 and 2 threads
+    s, t = logits(n, v, seed=5) * 3, logits(n, v, seed=6) * 3
+    tau_s, tau_t = positive(n, seed=7), positive(n, seed=8)
+    labels = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(9))
+    cot = torch.randn(n, v, generator=torch.Generator().manual_seed(10))
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            results.append(_all_ops(s, t, tau_s, tau_t, labels, divergence, beta, cot))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("divergence,beta", DIVS)
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.float32), (torch.float16, torch.float16),
+                                    (torch.float32, torch.float64)],
+                         ids=["bf16+fp32", "fp16", "fp32+fp64"])
+def test_mixed_dtypes_match_portable(divergence, beta, dtypes):
+    n, v = 7, 1271
+    masked = [3, 100, v - 1]
+    s = mask_vocab(logits(n, v, seed=11).to(dtypes[0]), masked)
+    t = mask_vocab(logits(n, v, seed=13).to(dtypes[1]), masked)
+    cdt = torch.promote_types(torch.promote_types(*dtypes), torch.float32)
+    tau_s, tau_t = positive(n, seed=14, dtype=cdt), positive(n, seed=15, dtype=cdt)
+    labels = torch.randint(0, 3, (n,), generator=torch.Generator().manual_seed(16))
+    labels[2] = -100
+    cot = torch.randn(n, v, generator=torch.Generator().manual_seed(17))
+    native = _all_ops(s, t, tau_s, tau_t, labels, divergence, beta, cot)
+    with _ops.portable_on_cpu():
+        portable = _all_ops(s, t, tau_s, tau_t, labels, divergence, beta, cot)
+    for a, b in zip(native, portable):
+        assert a.dtype == b.dtype and not a.isnan().any()
+        tol = 1e-12 if cdt == torch.float64 else 2e-5
+        scale = b.double().abs().max().clamp(min=1)
+        eps = torch.finfo(b.dtype).eps if b.dtype in (torch.bfloat16, torch.float16) else 0
+        assert (a.double() - b.double()).abs().max() <= (tol + 2 * eps) * scale
+
+
+CAPABILITY_SCRIPT = """
+import json, torch, kdops
+torch.manual_seed(0)
+s, t = torch.randn(9, 517) * 3, torch.randn(9, 517) * 3
+s, t, tau = s.requires_grad_(), t.requires_grad_(), torch.tensor(2.0, requires_grad=True)
+out = []
+for div in ("kl", "reverse_kl", "jsd"):
+    loss = kdops.fused_kd_loss(s, t, temperature=tau, divergence=div)
+    g = torch.autograd.grad(loss, (s, t, tau), create_graph=True)
+    second = torch.autograd.grad((g[0] ** 2).sum(), (s, t, tau))
+    out += [x.detach().flatten().tolist() for x in (loss.reshape(1), *g, *second)]
+print(json.dumps({"capability": kdops.backend_info()["cpu_capability"], "out": out}))
+"""
+
+
+def _run_with_capability(capability):
+    env = dict(os.environ)
+    if capability:
+        env["ATEN_CPU_CAPABILITY"] = capability
+    proc = subprocess.run([sys.executable, "-c", CAPABILITY_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_capabilities_agree():
+    best = _run_with_capability(None)
+    if best["capability"] == "DEFAULT":
+        pytest.skip("this CPU has no SIMD capability beyond DEFAULT to compare with")
+    default = _run_with_capability("default")
+    assert default["capability"] == "DEFAULT"
+    for a, b in zip(best["out"], default["out"]):
+        a, b = torch.tensor(a), torch.tensor(b)
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
+
+
+MEMORY_SCRIPT = """
+import json, re, torch, kdops
+n, v = 512, 8192
+s, t, cot = torch.randn(n, v), torch.randn(n, v), torch.randn(n, v)
+
+def rss(key):
+    return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+
+def peak(fn):
+    fn()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = rss("VmRSS")
+    fn()
+    return (rss("VmHWM") - base) / (n * v * 4)
+
+def forward():
+    with torch.no_grad():
+        kdops.fused_kd_loss(s, t, temperature=2.0)
+
+def forward_backward():
+    x = s.detach().requires_grad_()
+    kdops.fused_kd_loss(x, t, temperature=2.0).backward()
+
+def second_order():
+    x, y = s.detach().requires_grad_(), t.detach().requires_grad_()
+    (g,) = torch.autograd.grad(kdops.fused_kd_loss(x, y, temperature=2.0), x, create_graph=True)
+    (g * cot).sum().backward()
+
+print(json.dumps({f.__name__: peak(f) for f in (forward, forward_backward, second_order)}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads peak RSS from /proc")
+def test_no_row_by_vocab_temporaries():
+    # A fixed mmap threshold makes glibc return every freed [N, V] buffer to the system, so
+    # the peak RSS above the baseline counts exactly the live tensors.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    proc = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    peaks = json.loads(proc.stdout.strip().splitlines()[-1])  # in units of one [N, V] fp32
+    assert peaks["forward"] < 0.25                # per-row outputs and a few rows of scratch
+    assert peaks["forward_backward"] < 1.05       # the gradient
+    # the gradient g, its cotangent g * cot's backward makes, d/ds and d/dt
+    assert peaks["second_order"] < 4.05
