@@ -8,7 +8,9 @@ The composite is `reference.hinton_kd_loss`: kl_div(log_softmax(s/T), softmax(t/
   forward          the loss value
   forward_backward loss and its gradient to the student logits
   second_order     loss, gradient to the student (create_graph) and the gradient of
-                   <v, dL/ds> to student and teacher logits (MetaDistil's product)
+                   <v, dL/ds> to student and teacher logits (MetaDistil's product), v passed
+                   as grad_outputs (not as a product v * dL/ds that would cost an extra
+                   [N, V] tensor and its backward in every implementation)
 torch.compile (inductor) does not differentiate twice, so second_order compares kdops with
 eager only. Each benchmark first checks its result against the reference.
 
@@ -79,8 +81,8 @@ def _second_order(fn, s, t, cot):
     s, t = s.detach().requires_grad_(), t.detach().requires_grad_()
     loss = fn(s, t)
     (g,) = torch.autograd.grad(loss, s, create_graph=True)
-    (g * cot).sum().backward()
-    return loss.detach(), g.detach(), s.grad, t.grad
+    d_s, d_t = torch.autograd.grad(g, (s, t), grad_outputs=cot)
+    return loss.detach(), g.detach(), d_s, d_t
 
 
 MODES = {"forward": _forward, "forward_backward": _forward_backward,

@@ -103,8 +103,8 @@ Inputs check_inputs(const Tensor& student, const Tensor& teacher, const Tensor& 
   return in;
 }
 
-// Rows per task: small problems stay on the calling thread.
-int64_t grain(int64_t v) { return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(v, 1)); }
+// Rows per task: a task of about 4096 values already outweighs waking a thread.
+int64_t grain(int64_t v) { return std::max<int64_t>(1, (int64_t{1} << 12) / std::max<int64_t>(v, 1)); }
 
 template <typename F>
 void over_rows(const Problem& p, const F& f) {
