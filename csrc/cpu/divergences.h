@@ -1,4 +1,5 @@
-// Per-row divergence math in z-space (z = logits / temperature), on SIMD rows.
+// Per-row divergence math in z-space (z = logits / temperature) on prepared rows, for the
+// generic row path (the JSD; the two KLs have streaming kernels in kl_rows.h).
 //
 // The same formulas as kdops/_divergences.py (the module docstrings there carry the
 // derivations): the value of D, its gradients ∂D/∂zs and ∂D/∂zt, and its Hessian-vector
@@ -29,80 +30,6 @@ struct Hvp {
   T* h_t;
   T* g_s;  // ∂D/∂zs
   T* g_t;  // ∂D/∂zt
-};
-
-// D = KL(P‖Q) = Σ P (log P − log Q), P = softmax(x), Q = softmax(y); forward KL has
-// x = teacher, y = student, reverse KL swaps them. With A = log P − log Q:
-//   ∂D/∂x = P ⊙ (A − D),  ∂D/∂y = Q − P
-//   HVP in direction (dx, dy), c = dx − ⟨P, dx⟩:
-//     H_x = P ⊙ (c ⊙ (A − D + 1) − ⟨∂D/∂x, dx⟩ − dy + ⟨P, dy⟩),  H_y = Q ⊙ (dy − ⟨Q, dy⟩) − P ⊙ c
-template <typename T>
-struct KL {
-  bool p_is_teacher;
-
-  struct Sides {
-    const T *p, *lp, *q, *lq;
-  };
-  Sides sides(const Row<T>& r) const {
-    return p_is_teacher ? Sides{r.pt, r.lt, r.ps, r.ls} : Sides{r.ps, r.ls, r.pt, r.lt};
-  }
-
-  void prepare(const Row<T>&) const {}
-
-  T value(const Row<T>& r) const {
-    const Sides x = sides(r);
-    return row_sum<T>(r.n, [&](int64_t i) {
-      return Vec<T>::loadu(x.p + i) * (Vec<T>::loadu(x.lp + i) - Vec<T>::loadu(x.lq + i));
-    });
-  }
-
-  // Writes ∂D/∂zs and ∂D/∂zt into the non-null outputs.
-  void grads(const Row<T>& r, T* d_student, T* d_teacher) const {
-    const Sides x = sides(r);
-    T* gx = p_is_teacher ? d_teacher : d_student;
-    T* gy = p_is_teacher ? d_student : d_teacher;
-    if (gx) {
-      const Vec<T> d(value(r));
-      fill(gx, r.n, [&](int64_t i) {
-        const Vec<T> p = Vec<T>::loadu(x.p + i);
-        return p * ((Vec<T>::loadu(x.lp + i) - Vec<T>::loadu(x.lq + i)) - d);
-      });
-    }
-    if (gy) fill(gy, r.n, [&](int64_t i) { return Vec<T>::loadu(x.q + i) - Vec<T>::loadu(x.p + i); });
-  }
-
-  // Returns ⟨a, ∂D/∂zs⟩ + ⟨b, ∂D/∂zt⟩ and fills every array of `out`.
-  T hvp(const Row<T>& r, const T* a, const T* b, const Hvp<T>& out) const {
-    const Sides x = sides(r);
-    const T* dx = p_is_teacher ? b : a;
-    const T* dy = p_is_teacher ? a : b;
-    T* hx = p_is_teacher ? out.h_t : out.h_s;
-    T* hy = p_is_teacher ? out.h_s : out.h_t;
-    T* gx = p_is_teacher ? out.g_t : out.g_s;
-    T* gy = p_is_teacher ? out.g_s : out.g_t;
-    const Vec<T> d(value(r));
-    // gx and gy are written here, then read back by the elementwise pass below.
-    const auto s = row_sums<T, 5>(0, r.n, [&](int64_t i) {
-      const Vec<T> p = Vec<T>::loadu(x.p + i), q = Vec<T>::loadu(x.q + i);
-      const Vec<T> vx = Vec<T>::loadu(dx + i), vy = Vec<T>::loadu(dy + i);
-      const Vec<T> g = p * ((Vec<T>::loadu(x.lp + i) - Vec<T>::loadu(x.lq + i)) - d);
-      const Vec<T> h = q - p;
-      g.store(gx + i);
-      h.store(gy + i);
-      return std::array<Vec<T>, 5>{g * vx, p * vx, p * vy, q * vy, h * vy};
-    });
-    const Vec<T> gx_dx(s[0]), p_dx(s[1]), p_dy(s[2]), q_dy(s[3]);
-    const Vec<T> one(1);
-    for (int64_t i = 0; i < r.n; i += kLanes<T>) {
-      const Vec<T> p = Vec<T>::loadu(x.p + i), q = Vec<T>::loadu(x.q + i);
-      const Vec<T> vy = Vec<T>::loadu(dy + i);
-      const Vec<T> c = Vec<T>::loadu(dx + i) - p_dx;
-      const Vec<T> ratio = (Vec<T>::loadu(x.lp + i) - Vec<T>::loadu(x.lq + i)) - d;
-      (p * (c * (ratio + one) - gx_dx - vy + p_dy)).store(hx + i);
-      (q * (vy - q_dy) - p * c).store(hy + i);
-    }
-    return s[0] + s[4];
-  }
 };
 
 // Generalized JSD, 0 < β < 1 (β = 0, 1 are the KL structs). With m = β pt + (1 − β) ps,

@@ -225,33 +225,33 @@ void backward_rows(const Problem& p, const BackwardIo& io, int64_t begin, int64_
         if (io.grad_tau_t) static_cast<T*>(io.grad_tau_t)[r] = taus[1];
         if (k.out_s) finish_out_row(k.out_s, io.grad_student, p.student_dtype, r, v);
         if (k.out_t) finish_out_row(k.out_t, io.grad_teacher, p.teacher_dtype, r, v);
-        continue;
-      }
-      const Prepared<T> x = prepare(p, w, r, stats);
-      div.prepare(x.row);
-      T* dzs = need_zs ? w.row(GS) : nullptr;
-      T* dzt = need_zt ? w.row(GT) : nullptr;
-      div.grads(x.row, dzs, dzt);
-      if (io.grad_tau_s) static_cast<T*>(io.grad_tau_s)[r] = -coef_s * dot_z(dzs, x.row.zs, v);
-      if (io.grad_tau_t) static_cast<T*>(io.grad_tau_t)[r] = -coef_t * dot_z(dzt, x.row.zt, v);
-      T* out = w.row(OUT);
-      if (io.grad_student) {
-        const Vec<T> c(coef_s);
-        if (p.with_ce) {
-          hard_probs(x.xs, w.row(P1), v, stats, n, r);
-          const Vec<T> g(grad_ce[r]);
-          const T* p1 = w.row(P1);
-          fill(out, v, [&](int64_t i) { return c * Vec<T>::loadu(dzs + i) + g * Vec<T>::loadu(p1 + i); });
-          out[p.labels[r]] += -grad_ce[r];
-        } else {
-          fill(out, v, [&](int64_t i) { return c * Vec<T>::loadu(dzs + i); });
+      } else {
+        const Prepared<T> x = prepare(p, w, r, stats);
+        div.prepare(x.row);
+        T* dzs = need_zs ? w.row(GS) : nullptr;
+        T* dzt = need_zt ? w.row(GT) : nullptr;
+        div.grads(x.row, dzs, dzt);
+        if (io.grad_tau_s) static_cast<T*>(io.grad_tau_s)[r] = -coef_s * dot_z(dzs, x.row.zs, v);
+        if (io.grad_tau_t) static_cast<T*>(io.grad_tau_t)[r] = -coef_t * dot_z(dzt, x.row.zt, v);
+        T* out = w.row(OUT);
+        if (io.grad_student) {
+          const Vec<T> c(coef_s);
+          if (p.with_ce) {
+            hard_probs(x.xs, w.row(P1), v, stats, n, r);
+            const Vec<T> g(grad_ce[r]);
+            const T* p1 = w.row(P1);
+            fill(out, v, [&](int64_t i) { return c * Vec<T>::loadu(dzs + i) + g * Vec<T>::loadu(p1 + i); });
+            out[p.labels[r]] += -grad_ce[r];
+          } else {
+            fill(out, v, [&](int64_t i) { return c * Vec<T>::loadu(dzs + i); });
+          }
+          store_row(out, io.grad_student, p.student_dtype, r, v);
         }
-        store_row(out, io.grad_student, p.student_dtype, r, v);
-      }
-      if (io.grad_teacher) {
-        const Vec<T> c(coef_t);
-        fill(out, v, [&](int64_t i) { return c * Vec<T>::loadu(dzt + i); });
-        store_row(out, io.grad_teacher, p.teacher_dtype, r, v);
+        if (io.grad_teacher) {
+          const Vec<T> c(coef_t);
+          fill(out, v, [&](int64_t i) { return c * Vec<T>::loadu(dzt + i); });
+          store_row(out, io.grad_teacher, p.teacher_dtype, r, v);
+        }
       }
     }
   });

@@ -122,56 +122,56 @@ void double_backward_rows(const Problem& p, const DoubleBackwardIo& io, int64_t 
         }
         if (k.out_s) finish_out_row(k.out_s, io.d_student, p.student_dtype, r, v);
         if (k.out_t) finish_out_row(k.out_t, io.d_teacher, p.teacher_dtype, r, v);
-        continue;
-      }
-      const Prepared<T> x = prepare(p, w, r, stats);
-      div.prepare(x.row);
-      const T* vs = nullptr;
-      const T* vt = nullptr;
-      if (io.v_student) {
-        load_row(io.v_student, p.student_dtype, r, v, w.row(VS));
-        vs = w.row(VS);
-      }
-      if (io.v_teacher) {
-        load_row(io.v_teacher, p.teacher_dtype, r, v, w.row(VT));
-        vt = w.row(VT);
-      }
-      const Side<T> s{vs, us != nullptr, us ? us[r] : T(0), ts, grad_div[r] / ts, x.row.zs,
-                      w.row(VA), w.row(HS), w.row(GS)};
-      const Side<T> t{vt, ut != nullptr, ut ? ut[r] : T(0), tt, grad_div[r] / tt, x.row.zt,
-                      w.row(VB), w.row(HT), w.row(GT)};
-      direction(s, v);
-      direction(t, v);
-      const T directional = div.hvp(x.row, s.dir, t.dir, Hvp<T>{s.h, t.h, s.g, t.g});
-      if (io.d_grad_div) static_cast<T*>(io.d_grad_div)[r] = directional;
-
-      // The hard-label term only sees the student cotangent.
-      const bool ce = p.with_ce && vs;
-      T p1_vs = 0;
-      if (ce) {
-        hard_probs(x.xs, w.row(P1), v, stats, n, r);
-        p1_vs = dot(vs, w.row(P1), v);
-      }
-      if (io.d_grad_ce) static_cast<T*>(io.d_grad_ce)[r] = ce ? p1_vs - vs[p.labels[r]] : T(0);
-      T* out = w.row(OUT);
-      if (io.d_student) {
-        logits_term(s, out, v);
-        if (ce) {
-          const Vec<T> g(grad_ce[r]), m(p1_vs);
-          const T* p1 = w.row(P1);
-          fill(out, v, [&](int64_t i) {
-            const Vec<T> q = Vec<T>::loadu(p1 + i);
-            return Vec<T>::loadu(out + i) + g * q * (Vec<T>::loadu(vs + i) - m);
-          });
+      } else {
+        const Prepared<T> x = prepare(p, w, r, stats);
+        div.prepare(x.row);
+        const T* vs = nullptr;
+        const T* vt = nullptr;
+        if (io.v_student) {
+          load_row(io.v_student, p.student_dtype, r, v, w.row(VS));
+          vs = w.row(VS);
         }
-        store_row(out, io.d_student, p.student_dtype, r, v);
+        if (io.v_teacher) {
+          load_row(io.v_teacher, p.teacher_dtype, r, v, w.row(VT));
+          vt = w.row(VT);
+        }
+        const Side<T> s{vs, us != nullptr, us ? us[r] : T(0), ts, grad_div[r] / ts, x.row.zs,
+                        w.row(VA), w.row(HS), w.row(GS)};
+        const Side<T> t{vt, ut != nullptr, ut ? ut[r] : T(0), tt, grad_div[r] / tt, x.row.zt,
+                        w.row(VB), w.row(HT), w.row(GT)};
+        direction(s, v);
+        direction(t, v);
+        const T directional = div.hvp(x.row, s.dir, t.dir, Hvp<T>{s.h, t.h, s.g, t.g});
+        if (io.d_grad_div) static_cast<T*>(io.d_grad_div)[r] = directional;
+
+        // The hard-label term only sees the student cotangent.
+        const bool ce = p.with_ce && vs;
+        T p1_vs = 0;
+        if (ce) {
+          hard_probs(x.xs, w.row(P1), v, stats, n, r);
+          p1_vs = dot(vs, w.row(P1), v);
+        }
+        if (io.d_grad_ce) static_cast<T*>(io.d_grad_ce)[r] = ce ? p1_vs - vs[p.labels[r]] : T(0);
+        T* out = w.row(OUT);
+        if (io.d_student) {
+          logits_term(s, out, v);
+          if (ce) {
+            const Vec<T> g(grad_ce[r]), m(p1_vs);
+            const T* p1 = w.row(P1);
+            fill(out, v, [&](int64_t i) {
+              const Vec<T> q = Vec<T>::loadu(p1 + i);
+              return Vec<T>::loadu(out + i) + g * q * (Vec<T>::loadu(vs + i) - m);
+            });
+          }
+          store_row(out, io.d_student, p.student_dtype, r, v);
+        }
+        if (io.d_teacher) {
+          logits_term(t, out, v);
+          store_row(out, io.d_teacher, p.teacher_dtype, r, v);
+        }
+        if (io.d_tau_s) static_cast<T*>(io.d_tau_s)[r] = tau_term(s, v);
+        if (io.d_tau_t) static_cast<T*>(io.d_tau_t)[r] = tau_term(t, v);
       }
-      if (io.d_teacher) {
-        logits_term(t, out, v);
-        store_row(out, io.d_teacher, p.teacher_dtype, r, v);
-      }
-      if (io.d_tau_s) static_cast<T*>(io.d_tau_s)[r] = tau_term(s, v);
-      if (io.d_tau_t) static_cast<T*>(io.d_tau_t)[r] = tau_term(t, v);
     }
   });
 }

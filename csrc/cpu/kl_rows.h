@@ -15,6 +15,12 @@
 
 namespace kdops::cpu::CPU_CAPABILITY {
 
+// Which KL: forward (P = teacher) or reverse (P = student).
+template <typename T>
+struct KL {
+  bool p_is_teacher;
+};
+
 // Forward of one row: (D, log Σ exp(zs'), log Σ exp(zt')), given the scaled logits in zs, zt
 // and their maxima.
 template <typename T, bool PIsTeacher>

@@ -1,6 +1,6 @@
 // SIMD building blocks for one row of V values, on ATen's Vectorized<T>.
 //
-// Included only by kd_loss_rows.h inside a capability translation unit: CPU_CAPABILITY names
+// Included only inside a capability translation unit (kd_loss_<capability>.cpp): CPU_CAPABILITY names
 // the namespace and selects ATen's Vectorized specialisation (see kd_loss_avx2.cpp).
 // Scratch rows are padded to a whole number of vectors; loops over them run to the padded
 // length and every reduction masks the padding out, so padding never reaches a result.
