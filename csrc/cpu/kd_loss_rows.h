@@ -102,6 +102,20 @@ std::tuple<T, T, T> unpack3(const std::array<T, 3>& a) {
   return {a[0], a[1], a[2]};
 }
 
+// The inputs of a backward op's KL kernels for row r.
+template <typename T>
+KLRow<T> kl_row(const Problem& p, Workspace<T>& w, int64_t r, const T* stats, const T* grad_div,
+                const T* grad_ce) {
+  const int64_t n = p.n, v = p.v;
+  const T tau_s = static_cast<const T*>(p.tau_s)[r], tau_t = static_cast<const T*>(p.tau_t)[r];
+  return {row_values(p.student, p.student_dtype, r, v, w.row(XS)),
+          row_values(p.teacher, p.teacher_dtype, r, v, w.row(XT)),
+          v, tau_s, tau_t,
+          stats[MAX_S * n + r], stats[MAX_T * n + r], stats[LOG_S * n + r], stats[LOG_T * n + r],
+          grad_div[r] / tau_s, grad_div[r] / tau_t,
+          p.with_ce ? grad_ce[r] : T(0), stats[MAX_HARD * n + r], stats[LOG_HARD * n + r]};
+}
+
 inline bool row_valid(const Problem& p, int64_t r) {
   return p.labels == nullptr || p.labels[r] != p.ignore_index;
 }
@@ -194,25 +208,10 @@ void backward_rows(const Problem& p, const BackwardIo& io, int64_t begin, int64_
         if (io.grad_tau_t) static_cast<T*>(io.grad_tau_t)[r] = 0;
         continue;
       }
-      const T tau_s = static_cast<const T*>(p.tau_s)[r], tau_t = static_cast<const T*>(p.tau_t)[r];
-      const T coef_s = grad_div[r] / tau_s, coef_t = grad_div[r] / tau_t;
       if constexpr (std::is_same_v<std::decay_t<decltype(div)>, KL<T>>) {
         KLBackwardRow<T> k{};
-        k.xs = row_values(p.student, p.student_dtype, r, v, w.row(XS));
-        k.xt = row_values(p.teacher, p.teacher_dtype, r, v, w.row(XT));
-        k.v = v;
-        k.tau_s = tau_s;
-        k.tau_t = tau_t;
-        k.max_s = stats[MAX_S * n + r];
-        k.max_t = stats[MAX_T * n + r];
-        k.log_s = stats[LOG_S * n + r];
-        k.log_t = stats[LOG_T * n + r];
-        k.coef_s = coef_s;
-        k.coef_t = coef_t;
+        k.in = kl_row(p, w, r, stats, grad_div, grad_ce);
         k.label = p.with_ce ? p.labels[r] : -1;
-        k.grad_ce = p.with_ce ? grad_ce[r] : T(0);
-        k.max_hard = stats[MAX_HARD * n + r];
-        k.log_hard = stats[LOG_HARD * n + r];
         k.out_s = io.grad_student ? out_row(io.grad_student, p.student_dtype, r, v, w.row(OUT)) : nullptr;
         k.out_t = io.grad_teacher ? out_row(io.grad_teacher, p.teacher_dtype, r, v, w.row(GT)) : nullptr;
         k.need_tau_s = io.grad_tau_s != nullptr;
@@ -226,6 +225,8 @@ void backward_rows(const Problem& p, const BackwardIo& io, int64_t begin, int64_
         if (k.out_s) finish_out_row(k.out_s, io.grad_student, p.student_dtype, r, v);
         if (k.out_t) finish_out_row(k.out_t, io.grad_teacher, p.teacher_dtype, r, v);
       } else {
+        const T coef_s = grad_div[r] / static_cast<const T*>(p.tau_s)[r];
+        const T coef_t = grad_div[r] / static_cast<const T*>(p.tau_t)[r];
         const Prepared<T> x = prepare(p, w, r, stats);
         div.prepare(x.row);
         T* dzs = need_zs ? w.row(GS) : nullptr;

@@ -83,32 +83,18 @@ void double_backward_rows(const Problem& p, const DoubleBackwardIo& io, int64_t 
         zero_double_backward_row<T>(p, io, r);
         continue;
       }
-      const T ts = static_cast<const T*>(p.tau_s)[r], tt = static_cast<const T*>(p.tau_t)[r];
       const T* us = static_cast<const T*>(io.v_tau_s);
       const T* ut = static_cast<const T*>(io.v_tau_t);
       if constexpr (std::is_same_v<std::decay_t<decltype(div)>, KL<T>>) {
         KLSecondOrderRow<T> k{};
-        k.xs = row_values(p.student, p.student_dtype, r, v, w.row(XS));
-        k.xt = row_values(p.teacher, p.teacher_dtype, r, v, w.row(XT));
+        k.in = kl_row(p, w, r, stats, grad_div, grad_ce);
         k.vs = io.v_student ? row_values(io.v_student, p.student_dtype, r, v, w.row(VS)) : nullptr;
         k.vt = io.v_teacher ? row_values(io.v_teacher, p.teacher_dtype, r, v, w.row(VT)) : nullptr;
-        k.v = v;
-        k.tau_s = ts;
-        k.tau_t = tt;
-        k.max_s = stats[MAX_S * n + r];
-        k.max_t = stats[MAX_T * n + r];
-        k.log_s = stats[LOG_S * n + r];
-        k.log_t = stats[LOG_T * n + r];
-        k.coef_s = grad_div[r] / ts;
-        k.coef_t = grad_div[r] / tt;
         k.has_us = us != nullptr;
         k.has_ut = ut != nullptr;
         k.us = us ? us[r] : T(0);
         k.ut = ut ? ut[r] : T(0);
         k.label = p.with_ce && k.vs ? p.labels[r] : -1;
-        k.grad_ce = p.with_ce ? grad_ce[r] : T(0);
-        k.max_hard = stats[MAX_HARD * n + r];
-        k.log_hard = stats[LOG_HARD * n + r];
         k.out_s = io.d_student ? out_row(io.d_student, p.student_dtype, r, v, w.row(OUT)) : nullptr;
         k.out_t = io.d_teacher ? out_row(io.d_teacher, p.teacher_dtype, r, v, w.row(HT)) : nullptr;
         const int rows[8] = {PS, PT, LS, VA, VB, ZS, ZT, P1};
@@ -123,6 +109,7 @@ void double_backward_rows(const Problem& p, const DoubleBackwardIo& io, int64_t 
         if (k.out_s) finish_out_row(k.out_s, io.d_student, p.student_dtype, r, v);
         if (k.out_t) finish_out_row(k.out_t, io.d_teacher, p.teacher_dtype, r, v);
       } else {
+        const T ts = static_cast<const T*>(p.tau_s)[r], tt = static_cast<const T*>(p.tau_t)[r];
         const Prepared<T> x = prepare(p, w, r, stats);
         div.prepare(x.row);
         const T* vs = nullptr;

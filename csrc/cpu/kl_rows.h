@@ -37,15 +37,40 @@ std::array<T, 3> kl_forward_row(const T* zs, const T* zt, int64_t v, T ms, T mt)
   return {value, ls, lt};
 }
 
-// Everything the backward of one row needs to know.
+// What the backward ops know of one row: its logits, temperatures, saved statistics and
+// cotangents.
 template <typename T>
-struct KLBackwardRow {
+struct KLRow {
   const T* xs;  // student logits (input memory or converted)
   const T* xt;
   int64_t v;
   T tau_s, tau_t, max_s, max_t, log_s, log_t;
-  T coef_s, coef_t;       // gD / τ
+  T coef_s, coef_t;  // gD / τ
   T grad_ce, max_hard, log_hard;
+};
+
+// Both sides at offset i: raw student logits, shifted scaled logits, clamped
+// log-probabilities and probabilities, from the saved statistics.
+template <typename T>
+struct KLVec {
+  Vec<T> sv, a, b, la, lb, pa, pb;
+};
+
+template <typename T>
+inline KLVec<T> kl_vec(const KLRow<T>& k, int64_t i) {
+  const Vec<T> lowest(std::numeric_limits<T>::lowest());
+  const Vec<T> sv = load_tail(k.xs, i, k.v);
+  const Vec<T> a = sv / Vec<T>(k.tau_s) - Vec<T>(k.max_s);
+  const Vec<T> b = load_tail(k.xt, i, k.v) / Vec<T>(k.tau_t) - Vec<T>(k.max_t);
+  const Vec<T> la = at::vec::maximum(a - Vec<T>(k.log_s), lowest);
+  const Vec<T> lb = at::vec::maximum(b - Vec<T>(k.log_t), lowest);
+  return {sv, a, b, la, lb, la.exp(), lb.exp()};
+}
+
+// The backward of one row: the shared inputs, then its outputs and scratch.
+template <typename T>
+struct KLBackwardRow {
+  KLRow<T> in;
   int64_t label;          // -1 without the cross-entropy term
   T* out_s;               // gradient rows (null when not wanted)
   T* out_t;
@@ -58,21 +83,17 @@ struct KLBackwardRow {
 // Backward of one row; returns (∂/∂τs, ∂/∂τt) (zero when not wanted).
 template <typename T, bool PIsTeacher>
 std::array<T, 2> kl_backward_row(const KLBackwardRow<T>& k) {
-  const int64_t v = k.v;
-  const Vec<T> ts(k.tau_s), tt(k.tau_t), ms(k.max_s), mt(k.max_t), ls(k.log_s), lt(k.log_t);
-  const Vec<T> lowest(std::numeric_limits<T>::lowest());
-  const Vec<T> g_ce(k.grad_ce), m1(k.max_hard), l1(k.log_hard);
+  const KLRow<T>& in = k.in;
+  const int64_t v = in.v;
+  const Vec<T> g_ce(in.grad_ce), m1(in.max_hard), l1(in.log_hard);
   T* out_y = PIsTeacher ? k.out_s : k.out_t;
   T* out_x = PIsTeacher ? k.out_t : k.out_s;
-  const Vec<T> coef_y(PIsTeacher ? k.coef_s : k.coef_t), coef_x(PIsTeacher ? k.coef_t : k.coef_s);
+  const Vec<T> coef_y(PIsTeacher ? in.coef_s : in.coef_t), coef_x(PIsTeacher ? in.coef_t : in.coef_s);
   const bool need_x = out_x || (PIsTeacher ? k.need_tau_t : k.need_tau_s);
   const bool ce = k.label >= 0;
   // Pass 1: both probabilities; the y-side gradient and its τ sum; D and the x-side terms.
   const auto s1 = row_sums<T, 2>(0, v, [&](int64_t i) {
-    const Vec<T> sv = load_tail(k.xs, i, v);
-    const Vec<T> a = sv / ts - ms, b = load_tail(k.xt, i, v) / tt - mt;
-    const Vec<T> la = at::vec::maximum(a - ls, lowest), lb = at::vec::maximum(b - lt, lowest);
-    const Vec<T> pa = la.exp(), pb = lb.exp();
+    const auto [sv, a, b, la, lb, pa, pb] = kl_vec(in, i);
     const Vec<T> p = PIsTeacher ? pb : pa, q = PIsTeacher ? pa : pb;
     const Vec<T> ratio = PIsTeacher ? lb - la : la - lb;
     const Vec<T> gy = q - p;
@@ -88,8 +109,8 @@ std::array<T, 2> kl_backward_row(const KLBackwardRow<T>& k) {
     }
     return std::array<Vec<T>, 2>{p * ratio, gy * zero_neg_inf(PIsTeacher ? a : b)};
   });
-  if (out_y && PIsTeacher && ce) out_y[k.label] += -k.grad_ce;
-  const T tau_y = -(PIsTeacher ? k.coef_s : k.coef_t) * s1[1];
+  if (out_y && PIsTeacher && ce) out_y[k.label] += -in.grad_ce;
+  const T tau_y = -(PIsTeacher ? in.coef_s : in.coef_t) * s1[1];
   T tau_x = 0;
   if (need_x) {
     // Pass 2: ∂D/∂x = P ⊙ (A − D), from the scratch rows.
@@ -98,13 +119,13 @@ std::array<T, 2> kl_backward_row(const KLBackwardRow<T>& k) {
       const Vec<T> g = Vec<T>::loadu(k.p_x + i) * (Vec<T>::loadu(k.a_x + i) - d);
       if (out_x) {
         Vec<T> o = coef_x * g;
-        if (!PIsTeacher && ce) o = o + g_ce * ((load_tail(k.xs, i, v) - m1) - l1).exp();
+        if (!PIsTeacher && ce) o = o + g_ce * ((load_tail(in.xs, i, v) - m1) - l1).exp();
         store_tail(o, out_x, i, v);
       }
       return g * zero_neg_inf(Vec<T>::loadu(k.z_x + i));
     });
-    if (out_x && !PIsTeacher && ce) out_x[k.label] += -k.grad_ce;
-    tau_x = -(PIsTeacher ? k.coef_t : k.coef_s) * sum;
+    if (out_x && !PIsTeacher && ce) out_x[k.label] += -in.grad_ce;
+    tau_x = -(PIsTeacher ? in.coef_t : in.coef_s) * sum;
   }
   return PIsTeacher ? std::array<T, 2>{tau_y, tau_x} : std::array<T, 2>{tau_x, tau_y};
 }
@@ -116,15 +137,11 @@ std::array<T, 2> kl_backward_row(const KLBackwardRow<T>& k) {
 // direction on x) forms ⟨∂D/∂x, dx⟩, pass 3 writes both gradient rows and the τ sums.
 template <typename T>
 struct KLSecondOrderRow {
-  const T* xs;
-  const T* xt;
+  KLRow<T> in;
   const T* vs;  // cotangents of the logits' gradients (null = zero)
   const T* vt;
-  int64_t v;
-  T tau_s, tau_t, max_s, max_t, log_s, log_t, coef_s, coef_t;
   bool has_us, has_ut;
   T us, ut;
-  T grad_ce, max_hard, log_hard;
   int64_t label;  // -1 without the cross-entropy term or without vs
   T* out_s;
   T* out_t;
@@ -134,7 +151,8 @@ struct KLSecondOrderRow {
 // Returns (∂Φ/∂gD, ∂Φ/∂gCE, ∂Φ/∂τs, ∂Φ/∂τt).
 template <typename T, bool PIsTeacher>
 std::array<T, 4> kl_second_order_row(const KLSecondOrderRow<T>& k) {
-  const int64_t v = k.v;
+  const KLRow<T>& in = k.in;
+  const int64_t v = in.v;
   T* const p_ = k.scratch[0];
   T* const q_ = k.scratch[1];
   T* const a_ = k.scratch[2];
@@ -143,15 +161,11 @@ std::array<T, 4> kl_second_order_row(const KLSecondOrderRow<T>& k) {
   T* const zs_ = k.scratch[5];
   T* const zt_ = k.scratch[6];
   T* const p1_ = k.scratch[7];
-  const Vec<T> ts(k.tau_s), tt(k.tau_t), ms(k.max_s), mt(k.max_t), ls(k.log_s), lt(k.log_t);
-  const Vec<T> us(k.us), ut(k.ut), m1(k.max_hard), l1(k.log_hard), zero(0);
-  const Vec<T> lowest(std::numeric_limits<T>::lowest());
+  const Vec<T> ts(in.tau_s), tt(in.tau_t), us(k.us), ut(k.ut), m1(in.max_hard), l1(in.log_hard);
+  const Vec<T> zero(0);
   const bool ce = k.label >= 0;
   const auto s1 = row_sums<T, 6>(0, v, [&](int64_t i) {
-    const Vec<T> sv = load_tail(k.xs, i, v);
-    const Vec<T> a = sv / ts - ms, b = load_tail(k.xt, i, v) / tt - mt;
-    const Vec<T> la = at::vec::maximum(a - ls, lowest), lb = at::vec::maximum(b - lt, lowest);
-    const Vec<T> pa = la.exp(), pb = lb.exp();
+    const auto [sv, a, b, la, lb, pa, pb] = kl_vec(in, i);
     const Vec<T> vsv = k.vs ? load_tail(k.vs, i, v) : zero, vtv = k.vt ? load_tail(k.vt, i, v) : zero;
     const Vec<T> dir_s = (k.has_us ? vsv - us * zero_neg_inf(a) : vsv) / ts;
     const Vec<T> dir_t = (k.has_ut ? vtv - ut * zero_neg_inf(b) : vtv) / tt;
@@ -179,8 +193,8 @@ std::array<T, 4> kl_second_order_row(const KLSecondOrderRow<T>& k) {
     return Vec<T>::loadu(p_ + i) * (Vec<T>::loadu(a_ + i) - Vec<T>(d)) * Vec<T>::loadu(dx_ + i);
   }) : T(0);
   const Vec<T> vd(d), vgx_dx(gx_dx), p_dx(s1[1]), p_dy(s1[2]), q_dy(s1[3]), p1_vs(s1[5]);
-  const Vec<T> cs(k.coef_s), ct(k.coef_t), us_ts(k.us / k.tau_s), ut_tt(k.ut / k.tau_t);
-  const Vec<T> us2(2 * k.us), ut2(2 * k.ut), g_ce(k.grad_ce), one(1);
+  const Vec<T> cs(in.coef_s), ct(in.coef_t), us_ts(k.us / in.tau_s), ut_tt(k.ut / in.tau_t);
+  const Vec<T> us2(2 * k.us), ut2(2 * k.ut), g_ce(in.grad_ce), one(1);
   const auto s3 = row_sums<T, 4>(0, v, [&](int64_t i) {
     const Vec<T> p = Vec<T>::loadu(p_ + i), q = Vec<T>::loadu(q_ + i);
     const Vec<T> ratio = Vec<T>::loadu(a_ + i) - vd, dy = Vec<T>::loadu(dy_ + i);
@@ -205,7 +219,7 @@ std::array<T, 4> kl_second_order_row(const KLSecondOrderRow<T>& k) {
                                  (ct * ht) * zt, (k.has_ut ? vtv - ut2 * zt : vtv) * gt};
   });
   const T d_gce = ce ? s1[5] - k.vs[k.label] : T(0);
-  return {gx_dx + s1[4], d_gce, -s3[0] - s3[1] / k.tau_s, -s3[2] - s3[3] / k.tau_t};
+  return {gx_dx + s1[4], d_gce, -s3[0] - s3[1] / in.tau_s, -s3[2] - s3[3] / in.tau_t};
 }
 
 }  // namespace kdops::cpu::CPU_CAPABILITY
