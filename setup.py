@@ -58,8 +58,9 @@ def extensions():
         sources + ["csrc/python_module.cpp"],
         include_dirs=[str(ROOT / "csrc")],
         # OpenMP as torch's CPU builds use it: at::parallel_for is a header template that
-        # runs serially in code compiled without it.
-        extra_compile_args={"cxx": ["-O3", "-fopenmp"]},
+        # runs serially in code compiled without it. No floating-point contraction: the pilot
+        # step must round `lr * g` before subtracting it, as the per-tensor loop does.
+        extra_compile_args={"cxx": ["-O3", "-fopenmp", "-ffp-contract=off"]},
         extra_link_args=["-fopenmp"],
     )
     return [ext], {"build_ext": Build}

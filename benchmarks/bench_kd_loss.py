@@ -29,7 +29,7 @@ import pytest
 import torch
 
 import kdops
-from kdops import _ops, reference
+from kdops import _library, reference
 
 TEMPERATURE = 2.0
 
@@ -111,7 +111,7 @@ def test_kd_loss(benchmark, inputs, mode, impl):
     s, t, cot = inputs
     run, fn = MODES[mode], IMPLS[impl]
     dtype = torch.bfloat16 if impl == "kdops_bf16" else torch.float32
-    context = _ops.portable_on_cpu() if impl == "kdops_portable" else contextlib.nullcontext()
+    context = _library.portable_on_cpu() if impl == "kdops_portable" else contextlib.nullcontext()
     args = (fn, s.to(dtype), t.to(dtype), cot.to(dtype))
     expected = run(_eager, *(x.to(dtype).double() for x in (s, t, cot)))
     tol = dict(rtol=2e-2, atol=1e-3) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-6)

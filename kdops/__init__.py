@@ -1,6 +1,10 @@
-"""kdops: fused, exact-to-second-order knowledge-distillation losses for PyTorch."""
-from ._ops import backend_info
+"""kdops: fused, exact-to-second-order knowledge-distillation kernels for PyTorch."""
+from . import _loss_ops, _pilot_ops
+from ._library import backend_info, load_native
 from .loss import KDLoss, fused_kd_loss
+from .pilot import pilot_sgd_step, pilot_update
 
-__all__ = ["fused_kd_loss", "KDLoss", "backend_info"]
+load_native()
+
+__all__ = ["fused_kd_loss", "KDLoss", "pilot_sgd_step", "pilot_update", "backend_info"]
 __version__ = "0.1.0"

@@ -4,7 +4,7 @@ Every function takes a block of rows ([R, V] tensors in the compute dtype, proba
 log-probabilities already formed) and returns the per-row value, the gradient with respect to
 the student/teacher z, or the Hessian-vector product of the divergence in a direction
 (a on z_student, b on z_teacher). Temperatures, scales, labels and reductions are applied by
-the caller (`kdops._portable`); native kernels compute exactly these formulas.
+the caller (`kdops._loss_portable`); native kernels compute exactly these formulas.
 
 Zero-probability entries (``-inf`` logits, masked vocabulary) contribute exactly zero and never
 NaN: every product with a log-probability is guarded by ``p == 0`` (not ``p > 0``, so that a NaN

@@ -1,7 +1,7 @@
 """`fused_kd_loss` and `KDLoss`: argument checking, normalization and the per-row combination.
 
 The heavy work (softmaxes, divergences, their first and second derivatives) happens in the
-registered ops of `kdops._ops`; this module only turns user arguments into their row-flattened
+registered ops of `kdops._loss_ops`; this module only turns user arguments into their row-flattened
 form and combines the ops' per-row outputs, with [N]-sized tensor ops that autograd
 differentiates (the scale τ² and the mixing weight alpha included).
 """
@@ -14,7 +14,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from . import _ops
+from . import _loss_ops as _ops
 
 Scalar = Union[float, Tensor]
 

@@ -4,7 +4,9 @@ These are written the way users write distillation losses (log_softmax, kl_div-s
 cross_entropy) and are differentiated by autograd, to any order. They are deliberately
 independent of kdops' ops. ``kd_loss`` has the full semantics of :func:`kdops.fused_kd_loss`
 (and guards ``-inf``-masked entries so they contribute exactly zero, with finite gradients);
-``hinton_kd_loss`` is the textbook one-liner most KD code contains.
+``hinton_kd_loss`` is the textbook one-liner most KD code contains. ``sgd_step`` is the
+per-tensor differentiable SGD update of MetaDistil, higher and learn2learn, the oracle of
+:func:`kdops.pilot_sgd_step`.
 """
 from __future__ import annotations
 
@@ -84,3 +86,29 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature=1.0,
         return loss.sum()
     rows = weight.sum().clamp(min=1)
     return loss.sum() / rows if reduction == "batchmean" else loss.sum() / (rows * v)
+
+
+def sgd_step(params, grads, lr, *, weight_decay=0.0, momentum=0.0, momentum_buffers=None,
+             dampening=0.0, nesterov=False, maximize=False) -> list:
+    """One differentiable SGD step written tensor by tensor, as higher's DifferentiableSGD does.
+
+    torch.optim.SGD's order (weight decay, then momentum, then the step); every product is a
+    separate rounded op (``p - lr * g``, never a fused multiply-add). Inputs are untouched.
+    """
+    out = []
+    for i, (p, g) in enumerate(zip(params, grads)):
+        d = -g if maximize else g
+        if not _is_zero(weight_decay):
+            d = d + weight_decay * p
+        if not _is_zero(momentum):
+            if momentum_buffers is None:
+                buf = d
+            else:
+                buf = momentum * momentum_buffers[i] + (1 - dampening) * d
+            d = d + momentum * buf if nesterov else buf
+        out.append(p - lr * d)
+    return out
+
+
+def _is_zero(x) -> bool:
+    return not isinstance(x, Tensor) and x == 0

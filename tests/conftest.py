@@ -10,7 +10,7 @@ import contextlib
 import pytest
 
 import kdops
-from kdops import _ops
+from kdops import _library
 
 NATIVE = kdops.backend_info()["kd_forward"]["cpu"] == "native"
 
@@ -22,6 +22,6 @@ def backend(request):
             pytest.skip("kdops._C is not built (installed with KDOPS_NO_EXTENSION=1)")
         context = contextlib.nullcontext()
     else:
-        context = _ops.portable_on_cpu()
+        context = _library.portable_on_cpu()
     with context:
         yield request.param

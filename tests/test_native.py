@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import kdops
-from kdops import _ops
+from kdops import _library
 from cases import logits, mask_vocab, positive
 
 from conftest import NATIVE
@@ -53,7 +53,7 @@ def test_native_kernels_are_the_ones_that_run():
     native = aten_ops()
     assert {"kdops::kd_forward", "kdops::kd_backward", "kdops::kd_double_backward"} <= native
     assert not {"aten::exp", "aten::_log_softmax"} & native
-    with _ops.portable_on_cpu():
+    with _library.portable_on_cpu():
         assert {"aten::exp", "aten::_log_softmax"} & aten_ops()
 
 
@@ -91,7 +91,7 @@ def test_mixed_dtypes_match_portable(divergence, beta, dtypes):
     labels[2] = -100
     cot = torch.randn(n, v, generator=torch.Generator().manual_seed(17))
     native = _all_ops(s, t, tau_s, tau_t, labels, divergence, beta, cot)
-    with _ops.portable_on_cpu():
+    with _library.portable_on_cpu():
         portable = _all_ops(s, t, tau_s, tau_t, labels, divergence, beta, cot)
     for a, b in zip(native, portable):
         assert a.dtype == b.dtype and not a.isnan().any()

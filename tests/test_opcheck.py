@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kdops import _ops
+from kdops import _loss_ops as _ops
 from cases import DIVERGENCE_IDS, DIVERGENCES, labels_for, logits, positive
 
 

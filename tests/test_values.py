@@ -174,7 +174,7 @@ def test_all_rows_ignored_gives_zero():
 
 def test_block_size_does_not_change_results(monkeypatch):
     """The row-blocked loop gives the same values for any block size."""
-    from kdops import _portable
+    from kdops import _loss_portable as _portable
 
     s, t, v = logits(13, 77, seed=26), logits(13, 77, seed=27), logits(13, 77, seed=28)
     kw = dict(temperature=positive(13, seed=34), labels=labels_for((13,), 77, "ce")[0], alpha=0.5,

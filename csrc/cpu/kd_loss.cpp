@@ -7,11 +7,8 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "huge_pages.h"
 #include "kd_loss_kernels.h"
-
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
 
 namespace kdops::cpu {
 namespace {
@@ -109,23 +106,6 @@ int64_t grain(int64_t v) { return std::max<int64_t>(1, (int64_t{1} << 12) / std:
 template <typename F>
 void over_rows(const Problem& p, const F& f) {
   at::parallel_for(0, p.n, grain(p.v), f);
-}
-
-// Asks Linux for transparent huge pages behind a fresh, untouched output of at least a few
-// MiB. Where THP is in "madvise" mode (the common default), the first write to each 4 KiB
-// page of a new [N, V] gradient otherwise costs a page fault and measured about half of the
-// backward's time (2048 x 32000 fp32, 2 cores); with 2 MiB pages that cost nearly vanishes.
-// Only a hint: without THP nothing changes.
-void advise_huge_pages(const Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t end = begin + t.nbytes();
-  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = end & ~(kHuge - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
 }
 
 // An output of `like`'s options, or an empty one where it is not asked for (as the fakes).

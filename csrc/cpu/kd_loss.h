@@ -1,5 +1,5 @@
 // The CPU implementations of the kdops loss ops, registered for the CPU dispatch key on the
-// schemas that kdops/_ops.py defines (see that file for the ops' contract). Declared here for
+// schemas that kdops/_loss_ops.py defines (see that file for the ops' contract). Declared here for
 // the C++ test; Python reaches them through torch.ops.kdops.*.
 #pragma once
 

@@ -3,7 +3,7 @@
 // Included once per CPU capability (kd_loss_default.cpp, kd_loss_avx2.cpp, ...), which defines
 // CPU_CAPABILITY first. One row at a time, entirely in a per-thread scratch of a few rows of V
 // values that stays in cache: the logits are read once from memory per op, each output row is
-// written once. The math is that of kdops/_portable.py (module docstring); the comments here
+// written once. The math is that of kdops/_loss_portable.py (module docstring); the comments here
 // name the terms.
 #pragma once
 

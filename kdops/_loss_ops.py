@@ -6,9 +6,8 @@ Three ops form a chain, each the derivative of the one before:
     kdops::kd_backward         gradients to student, teacher and both temperatures
     kdops::kd_double_backward  the vector-Jacobian product of kd_backward (exact second order)
 
-The portable implementation (`kdops._portable`) is registered as CompositeExplicitAutograd, so
-it serves every device; a native kernel registered for a backend key overrides it: the C++ CPU
-kernels of the compiled extension `kdops._C` (csrc/cpu) register for CPU when it is imported.
+The portable implementation (`kdops._loss_portable`) serves every device (see `_library`); the
+C++ CPU kernels of the compiled extension `kdops._C` (csrc/cpu) override it on CPU.
 Tensors are rows-flattened: logits [N, V] (any floating dtype), temperatures [N] in the compute
 dtype (float64 if either logits tensor is float64, else float32), labels [N] int64 or None.
 The statistics output ([6, N]: row max of zs and zt, log Σ exp(z − max) of zs and zt, then
@@ -18,54 +17,28 @@ that already account for it.
 """
 from __future__ import annotations
 
-import contextlib
-import warnings
-
 import torch
 
-from . import _portable
-
-_LIB = torch.library.Library("kdops", "DEF")
+from . import _loss_portable as _portable
+from ._library import LIB, define_portable, wanted_grads
 
 _SHARED = ("Tensor student, Tensor teacher, Tensor tau_s, Tensor tau_t, Tensor? labels")
 _STATS = "Tensor stats"
 _CONFIG = "int ignore_index, str divergence, float beta, bool with_ce"
 
-_LIB.define(f"kd_forward({_SHARED}, {_CONFIG}) -> (Tensor, Tensor, Tensor)")
-_LIB.define(
+LIB.define(f"kd_forward({_SHARED}, {_CONFIG}) -> (Tensor, Tensor, Tensor)")
+LIB.define(
     f"kd_backward(Tensor grad_div, Tensor grad_ce, {_SHARED}, {_STATS}, {_CONFIG}, "
     "bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)"
 )
-_LIB.define(
+LIB.define(
     "kd_double_backward(Tensor? v_student, Tensor? v_teacher, Tensor? v_tau_s, Tensor? v_tau_t, "
     f"Tensor grad_div, Tensor grad_ce, {_SHARED}, {_STATS}, {_CONFIG}, bool[6] output_mask) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
 for _name in ("kd_forward", "kd_backward", "kd_double_backward"):
-    _LIB.impl(_name, getattr(_portable, _name), "CompositeExplicitAutograd")
-
-def _load_native():
-    """Import the compiled kernels, which register themselves for their dispatch keys.
-
-    Without them (installed with KDOPS_NO_EXTENSION=1) every op runs the portable
-    implementation and `backend_info` says so; an extension that exists but fails to load
-    (built against another torch, say) is reported with a warning, never ignored.
-    """
-    try:
-        from . import _C
-    except ModuleNotFoundError as err:
-        if err.name != f"{__package__}._C":
-            raise
-        return None
-    except ImportError as err:
-        warnings.warn(f"kdops: native kernels failed to load, using the portable "
-                      f"implementation on every device ({err})", RuntimeWarning, stacklevel=2)
-        return None
-    return _C
-
-
-_NATIVE = _load_native()
+    define_portable(_name, getattr(_portable, _name))
 
 kd_forward = torch.ops.kdops.kd_forward.default
 kd_backward = torch.ops.kdops.kd_backward.default
@@ -114,24 +87,9 @@ def _forward_setup(ctx, inputs, output):
     ctx.config = config
 
 
-def _wanted(ctx, count):
-    """needs_input_grad of the first `count` inputs, narrowed to those the running backward
-    pass will use: ``torch.autograd.grad(loss, student)`` drops the teacher's gradient, so it
-    is not computed (the engine tells which next nodes it will execute). Where the engine
-    cannot say (a backward traced by torch.compile), every input that requires grad counts.
-    """
-    mask = list(ctx.needs_input_grad[:count])
-    try:
-        nodes = ctx.next_functions
-        return [m and nodes[i][0] is not None and torch._C._will_engine_execute_node(nodes[i][0])
-                for i, m in enumerate(mask)]
-    except (AttributeError, RuntimeError):
-        return mask
-
-
 def _forward_backward(ctx, grad_div, grad_ce, _stats_grad):
     tensors = ctx.saved_tensors
-    mask = _wanted(ctx, 4)
+    mask = wanted_grads(ctx, ctx.needs_input_grad[:4])
     if not any(mask):
         return (None,) * 9
     grads = kd_backward(grad_div, grad_ce, *tensors, *ctx.config, mask)
@@ -145,7 +103,7 @@ def _backward_setup(ctx, inputs, output):
 
 
 def _backward_backward(ctx, *cotangents):
-    mask = _wanted(ctx, 6)
+    mask = wanted_grads(ctx, ctx.needs_input_grad[:6])
     if not any(mask):
         return (None,) * 13
     vs = [v if done else None for v, done in zip(cotangents, ctx.computed)]
@@ -166,40 +124,3 @@ torch.library.register_autograd("kdops::kd_backward", _backward_backward,
                                 setup_context=_backward_setup)
 torch.library.register_autograd("kdops::kd_double_backward", _third_order,
                                 setup_context=lambda ctx, inputs, output: None)
-
-
-@contextlib.contextmanager
-def portable_on_cpu():
-    """Run the kdops ops on CPU with the portable implementation inside this block.
-
-    Registers the portable functions as CPU kernels over the native ones and removes them on
-    exit, so tests and benchmarks can compare both implementations in one process.
-    """
-    lib = torch.library.Library("kdops", "IMPL")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*[Oo]verrid.*")
-        for name in ("kd_forward", "kd_backward", "kd_double_backward"):
-            lib.impl(name, getattr(_portable, name), "CPU")
-    try:
-        yield
-    finally:
-        lib._destroy()
-
-
-def backend_info() -> dict:
-    """Which implementation serves each kdops op, per device type.
-
-    Returns ``{"kd_forward": {"cpu": "native", "cuda": "portable"}, ...,
-    "cpu_capability": "AVX2"}``: ``"native"`` where a kernel is registered for that device's
-    dispatch key, ``"portable"`` where the vectorized PyTorch implementation runs, and the
-    SIMD capability the native CPU kernels were dispatched to (None without them; set
-    ``ATEN_CPU_CAPABILITY`` before importing torch to choose a lower one, as for ATen).
-    """
-    has = torch._C._dispatch_has_kernel_for_dispatch_key
-    info = {
-        op: {dev: "native" if has(f"kdops::{op}", key) else "portable"
-             for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
-        for op in ("kd_forward", "kd_backward", "kd_double_backward")
-    }
-    info["cpu_capability"] = _NATIVE.cpu_capability() if _NATIVE is not None else None
-    return info

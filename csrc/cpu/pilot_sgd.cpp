@@ -1,0 +1,275 @@
+// CPU multi-tensor kernels of kdops::pilot_sgd_step and kdops::pilot_sgd_step_backward (schemas
+// and contract in kdops/_pilot_ops.py, math in kdops/_pilot_portable.py).
+//
+// The whole parameter list is cut into chunks of at most kChunk elements of one tensor, and the
+// chunks run in parallel with at::parallel_for, so one call covers every tensor, large or
+// small. Every operand of a position shares the output's memory layout (copied where it does
+// not), so a chunk is a plain range of memory. Values are computed in the op-math type
+// (float32 for float32/bf16/fp16, float64 for float64) and rounded to the tensor's dtype after
+// every product and sum, the per-tensor loop's roundings; the build disables floating-point
+// contraction, so no multiply-add is fused. The backward's scalar gradients are sums per chunk
+// in float64, added in chunk order: results do not depend on the thread count.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <torch/library.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "huge_pages.h"
+
+namespace kdops::cpu {
+namespace {
+
+using at::Tensor;
+using at::TensorList;
+
+constexpr int64_t kChunk = 1 << 15;
+
+// The step's configuration; scalars at full precision (the forward may round them, `Scalars`).
+struct Config {
+  double lr = 0, wd = 0, m = 0, c = 1;   // c = 1 − dampening
+  bool has_wd = false, has_m = false, has_buffers = false, nesterov = false, maximize = false;
+};
+
+double value_of(const std::optional<Tensor>& x) {
+  return x.has_value() ? x->item<double>() : 0.0;
+}
+
+Config config_of(const Tensor& lr, const std::optional<Tensor>& wd,
+                 const std::optional<Tensor>& m, bool has_buffers, double dampening,
+                 bool nesterov, bool maximize) {
+  for (const Tensor* x : {&lr, wd ? &*wd : nullptr, m ? &*m : nullptr}) {
+    TORCH_CHECK(x == nullptr || x->device().is_cpu(), "kdops: step sizes of a CPU pilot step "
+                "must be CPU tensors");
+  }
+  Config cfg;
+  cfg.lr = lr.item<double>();
+  cfg.wd = value_of(wd);
+  cfg.m = value_of(m);
+  cfg.c = 1.0 - dampening;
+  cfg.has_wd = wd.has_value();
+  cfg.has_m = m.has_value();
+  cfg.has_buffers = has_buffers && cfg.has_m;
+  cfg.nesterov = nesterov;
+  cfg.maximize = maximize;
+  return cfg;
+}
+
+// x rounded to the storage type S and back: the rounding of a stored intermediate tensor.
+template <typename S, typename T>
+inline T round_to(T x) {
+  return static_cast<T>(static_cast<S>(x));
+}
+
+// The scalars as the forward uses them: a step size the user gave as a tensor is rounded to
+// the param's dtype first (as `lr * g` does), a number only to the op-math type.
+template <typename S>
+struct Scalars {
+  using T = at::opmath_type<S>;
+  T lr, wd, m, c;
+  Scalars(const Config& cfg, std::array<bool, 3> rounded)
+      : lr(pick(cfg.lr, rounded[0])), wd(pick(cfg.wd, rounded[1])), m(pick(cfg.m, rounded[2])),
+        c(static_cast<T>(cfg.c)) {}
+  static T pick(double v, bool rounded) {
+    return rounded ? static_cast<T>(static_cast<S>(static_cast<T>(v))) : static_cast<T>(v);
+  }
+};
+
+// One element of the step, in the per-tensor loop's order (p' = p − lr·u):
+//   d = ±g + wd·p;  b = d or m·buf + c·d;  u = b or d + m·b
+template <typename S>
+struct Intermediates {
+  using T = at::opmath_type<S>;
+  T d, b, u;
+  Intermediates(const Config& cfg, const Scalars<S>& k, T p, T g, T buf) {
+    d = cfg.maximize ? -g : g;
+    if (cfg.has_wd) d = round_to<S>(d + round_to<S>(k.wd * p));
+    b = d;
+    if (cfg.has_m && cfg.has_buffers) b = round_to<S>(round_to<S>(k.m * buf) + round_to<S>(k.c * d));
+    u = !cfg.has_m ? d : cfg.nesterov ? round_to<S>(d + round_to<S>(k.m * b)) : b;
+  }
+};
+
+struct Chunk {
+  size_t tensor;
+  int64_t begin, end;
+};
+
+std::vector<Chunk> chunks_of(const std::vector<Tensor>& outs) {
+  std::vector<Chunk> chunks;
+  for (size_t i = 0; i < outs.size(); ++i) {
+    const int64_t n = outs[i].numel();
+    for (int64_t at = 0; at < n; at += kChunk) chunks.push_back({i, at, std::min(n, at + kChunk)});
+  }
+  return chunks;
+}
+
+// x laid out as `like` (a copy only where the strides differ), so both walk memory alike.
+Tensor conform(const Tensor& x, const Tensor& like) {
+  return x.strides() == like.strides() ? x : at::empty_like(like).copy_(x);
+}
+
+// The operands of every position, each conformed to that position's output layout.
+struct Lists {
+  std::vector<Tensor> like, params, grads, buffers, extra;
+  Lists(TensorList params_in, TensorList grads_in, const std::optional<TensorList>& buffers_in,
+        const TensorList* extra_in) {
+    TORCH_CHECK(grads_in.size() == params_in.size(), "kdops: params and grads differ in length");
+    const bool with_buffers = buffers_in.has_value();
+    TORCH_CHECK(!with_buffers || buffers_in->size() == params_in.size(),
+                "kdops: momentum_buffers and params differ in length");
+    for (size_t i = 0; i < params_in.size(); ++i) {
+      const Tensor& p = params_in[i];
+      like.push_back(at::empty_like(p));
+      advise_huge_pages(like.back());
+      for (const Tensor* x : {&grads_in[i], with_buffers ? &(*buffers_in)[i] : nullptr,
+                              extra_in ? &(*extra_in)[i] : nullptr}) {
+        TORCH_CHECK(x == nullptr || (x->sizes() == p.sizes() && x->scalar_type() ==
+                    p.scalar_type() && x->device() == p.device()), "kdops: the tensors of "
+                    "position ", i, " must share the param's shape, dtype and device");
+      }
+      params.push_back(conform(p, like[i]));
+      grads.push_back(conform(grads_in[i], like[i]));
+      if (with_buffers) buffers.push_back(conform((*buffers_in)[i], like[i]));
+      if (extra_in) extra.push_back(conform((*extra_in)[i], like[i]));
+    }
+  }
+};
+
+template <typename S>
+const S* in(const std::vector<Tensor>& xs, size_t i) {
+  return xs.empty() ? nullptr : xs[i].const_data_ptr<S>();
+}
+
+template <typename S>
+S* out(std::vector<Tensor>& xs, size_t i) {
+  return xs.empty() ? nullptr : xs[i].mutable_data_ptr<S>();
+}
+
+#define KDOPS_DISPATCH_PARAM_TYPES(dtype, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "kdops_pilot_sgd", __VA_ARGS__)
+
+std::vector<Tensor> pilot_sgd_step(TensorList params, TensorList grads,
+                                   std::optional<TensorList> buffers, const Tensor& lr,
+                                   const std::optional<Tensor>& weight_decay,
+                                   const std::optional<Tensor>& momentum, double dampening,
+                                   bool nesterov, bool maximize,
+                                   std::array<bool, 3> tensor_scalars) {
+  const Config cfg = config_of(lr, weight_decay, momentum, buffers.has_value(), dampening,
+                               nesterov, maximize);
+  Lists lists(params, grads, buffers, nullptr);
+  std::vector<Tensor>& outs = lists.like;
+  const std::vector<Chunk> chunks = chunks_of(outs);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
+    for (int64_t ci = first; ci < last; ++ci) {
+      const Chunk& ch = chunks[ci];
+      KDOPS_DISPATCH_PARAM_TYPES(outs[ch.tensor].scalar_type(), [&] {
+        using T = at::opmath_type<scalar_t>;
+        const Scalars<scalar_t> k(cfg, tensor_scalars);
+        const scalar_t* p = in<scalar_t>(lists.params, ch.tensor);
+        const scalar_t* g = in<scalar_t>(lists.grads, ch.tensor);
+        const scalar_t* b = in<scalar_t>(lists.buffers, ch.tensor);
+        scalar_t* o = out<scalar_t>(outs, ch.tensor);
+        for (int64_t j = ch.begin; j < ch.end; ++j) {
+          const T pj = p[j];
+          const Intermediates<scalar_t> x(cfg, k, pj, g[j], b ? T(b[j]) : T(0));
+          o[j] = static_cast<scalar_t>(pj - round_to<scalar_t>(k.lr * x.u));
+        }
+      });
+    }
+  });
+  return outs;
+}
+
+// Backward of one element, through the loop's intermediates in reverse (w = ∂L/∂p'):
+//   ḡu = −w·lr;  ḡb = ḡu (or m·ḡu, Nesterov);  ḡd = [Nesterov] ḡu + (c·ḡb, or ḡb without buffers)
+//   ∂p = w + wd·ḡd;  ∂g = ±ḡd;  ∂buf = m·ḡb;  sums: ⟨−w, u⟩, ⟨ḡd, p⟩, ⟨ḡb, buf⟩ + ⟨ḡu, b⟩
+std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, Tensor, Tensor, Tensor>
+pilot_sgd_step_backward(TensorList grad_outputs, TensorList params, TensorList grads,
+                        std::optional<TensorList> buffers, const Tensor& lr,
+                        const std::optional<Tensor>& weight_decay,
+                        const std::optional<Tensor>& momentum, double dampening, bool nesterov,
+                        bool maximize, std::array<bool, 6> mask) {
+  const Config cfg = config_of(lr, weight_decay, momentum, buffers.has_value(), dampening,
+                               nesterov, maximize);
+  Lists lists(params, grads, buffers, &grad_outputs);
+  const size_t n = params.size();
+  // The params' gradient takes the layout tensors as its storage; the others get their own.
+  std::vector<Tensor> g_params = mask[0] ? lists.like : std::vector<Tensor>{};
+  std::vector<Tensor> g_grads, g_buffers;
+  for (size_t i = 0; i < n; ++i) {
+    if (mask[1]) g_grads.push_back(at::empty_like(lists.like[i]));
+    if (mask[2] && cfg.has_buffers) g_buffers.push_back(at::empty_like(lists.like[i]));
+  }
+  for (auto* xs : {&g_grads, &g_buffers}) {
+    for (const Tensor& x : *xs) advise_huge_pages(x);
+  }
+  const bool sums = mask[3] || mask[4] || mask[5];
+  const std::vector<Chunk> chunks = chunks_of(lists.params);
+  std::vector<std::array<double, 3>> partial(sums ? chunks.size() : 0, {0.0, 0.0, 0.0});
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
+    for (int64_t ci = first; ci < last; ++ci) {
+      const Chunk& ch = chunks[ci];
+      KDOPS_DISPATCH_PARAM_TYPES(lists.params[ch.tensor].scalar_type(), [&] {
+        using T = at::opmath_type<scalar_t>;
+        const Scalars<scalar_t> k(cfg, {false, false, false});
+        const size_t t = ch.tensor;
+        const scalar_t *w = in<scalar_t>(lists.extra, t), *p = in<scalar_t>(lists.params, t),
+                       *g = in<scalar_t>(lists.grads, t), *b = in<scalar_t>(lists.buffers, t);
+        scalar_t *gp = out<scalar_t>(g_params, t), *gg = out<scalar_t>(g_grads, t),
+                 *gb = out<scalar_t>(g_buffers, t);
+        double s_lr = 0, s_wd = 0, s_m = 0;
+        for (int64_t j = ch.begin; j < ch.end; ++j) {
+          const T wj = w[j];
+          const T g_u = round_to<scalar_t>(-wj * k.lr);
+          const T g_b = cfg.has_m && cfg.nesterov ? round_to<scalar_t>(g_u * k.m) : g_u;
+          T g_d = g_u;
+          if (cfg.has_m) {
+            const T from_b = cfg.has_buffers ? round_to<scalar_t>(g_b * k.c) : g_b;
+            g_d = cfg.nesterov ? round_to<scalar_t>(g_u + from_b) : from_b;
+          }
+          if (gp) gp[j] = cfg.has_wd ? static_cast<scalar_t>(wj + round_to<scalar_t>(g_d * k.wd))
+                                     : static_cast<scalar_t>(wj);
+          if (gg) gg[j] = static_cast<scalar_t>(cfg.maximize ? -g_d : g_d);
+          if (gb) gb[j] = static_cast<scalar_t>(g_b * k.m);
+          if (sums) {
+            const T bj = b ? T(b[j]) : T(0);
+            const Intermediates<scalar_t> x(cfg, k, p[j], g[j], bj);
+            s_lr += -double(wj) * double(x.u);
+            s_wd += double(g_d) * double(p[j]);
+            if (cfg.has_buffers) s_m += double(g_b) * double(bj);
+            if (cfg.has_m && cfg.nesterov) s_m += double(g_u) * double(x.b);
+          }
+        }
+        if (sums) partial[ci] = {s_lr, s_wd, s_m};
+      });
+    }
+  });
+  std::array<double, 3> total{0.0, 0.0, 0.0};
+  for (const auto& part : partial) {
+    for (int k = 0; k < 3; ++k) total[k] += part[k];
+  }
+  auto scalar_out = [&](bool wanted, const std::optional<Tensor>& like, double v) {
+    if (wanted && like.has_value()) return at::scalar_tensor(v, like->options());
+    return like.has_value() ? at::empty({0}, like->options()) : at::empty({0});
+  };
+  return {std::move(g_params), std::move(g_grads), std::move(g_buffers),
+          scalar_out(mask[3], lr, total[0]), scalar_out(mask[4], weight_decay, total[1]),
+          scalar_out(mask[5], momentum, total[2])};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kdops, CPU, m) {
+  m.impl("pilot_sgd_step", &pilot_sgd_step);
+  m.impl("pilot_sgd_step_backward", &pilot_sgd_step_backward);
+}
+
+}  // namespace kdops::cpu

@@ -1,0 +1,103 @@
+"""The kdops op library: one torch.library namespace shared by every op family, the loading of
+the compiled kernels, and the report of which implementation serves each op.
+
+Each family (`_loss_ops`, `_pilot_ops`) defines its schemas on `LIB` and registers its portable
+implementation with `define_portable`, as CompositeExplicitAutograd: it serves every device
+until a native kernel registered for a backend key overrides it. The compiled extension
+`kdops._C` registers the C++ CPU kernels (csrc/cpu) and, in CUDA builds, the CUDA kernels
+(csrc/cuda) when `load_native` imports it, after every family has been defined.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+
+LIB = torch.library.Library("kdops", "DEF")
+
+_PORTABLE = {}
+
+
+def define_portable(name: str, fn) -> None:
+    """Register `fn` as the portable (every-device) implementation of kdops::`name`."""
+    LIB.impl(name, fn, "CompositeExplicitAutograd")
+    _PORTABLE[name] = fn
+
+
+def wanted_grads(ctx, needs):
+    """`needs` (the needs_input_grad flags of the op's tensor inputs, in order, lists
+    flattened) narrowed to the inputs the running backward pass will use:
+    ``torch.autograd.grad(loss, student)`` drops the teacher's gradient, so it is not computed
+    (the engine tells which next nodes it will execute). Where the engine cannot say (a
+    backward traced by torch.compile), every input that requires grad counts.
+    """
+    if torch.compiler.is_compiling():
+        return list(needs)
+    try:
+        nodes = ctx.next_functions
+        return [m and nodes[i][0] is not None and torch._C._will_engine_execute_node(nodes[i][0])
+                for i, m in enumerate(needs)]
+    except (AttributeError, RuntimeError):
+        return list(needs)
+
+
+_NATIVE = None
+
+
+def load_native():
+    """Import the compiled kernels, which register themselves for their dispatch keys.
+
+    Without them (installed with KDOPS_NO_EXTENSION=1) every op runs the portable
+    implementation and `backend_info` says so; an extension that exists but fails to load
+    (built against another torch, say) is reported with a warning, never ignored.
+    """
+    global _NATIVE
+    try:
+        from . import _C
+    except ModuleNotFoundError as err:
+        if err.name != f"{__package__}._C":
+            raise
+        return
+    except ImportError as err:
+        warnings.warn(f"kdops: native kernels failed to load, using the portable "
+                      f"implementation on every device ({err})", RuntimeWarning, stacklevel=2)
+        return
+    _NATIVE = _C
+
+
+@contextlib.contextmanager
+def portable_on_cpu():
+    """Run every kdops op on CPU with its portable implementation inside this block.
+
+    Registers the portable functions as CPU kernels over the native ones and removes them on
+    exit, so tests and benchmarks can compare both implementations in one process.
+    """
+    lib = torch.library.Library("kdops", "IMPL")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Oo]verrid.*")
+        for name, fn in _PORTABLE.items():
+            lib.impl(name, fn, "CPU")
+    try:
+        yield
+    finally:
+        lib._destroy()
+
+
+def backend_info() -> dict:
+    """Which implementation serves each kdops op, per device type.
+
+    Returns ``{"kd_forward": {"cpu": "native", "cuda": "portable"}, ...,
+    "cpu_capability": "AVX2"}``: ``"native"`` where a kernel is registered for that device's
+    dispatch key, ``"portable"`` where the PyTorch implementation runs, and the SIMD
+    capability the native CPU loss kernels were dispatched to (None without them; set
+    ``ATEN_CPU_CAPABILITY`` before importing torch to choose a lower one, as for ATen).
+    """
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    info = {
+        op: {dev: "native" if has(f"kdops::{op}", key) else "portable"
+             for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
+        for op in _PORTABLE
+    }
+    info["cpu_capability"] = _NATIVE.cpu_capability() if _NATIVE is not None else None
+    return info

@@ -1,0 +1,251 @@
+"""Autograd for the pilot step: two torch.autograd.Functions around the registered ops.
+
+`PilotStep` is one node for the whole parameter list; its backward is `PilotStepBackward`, the
+op `kdops::pilot_sgd_step_backward`, whose own derivative (second order) is written out here
+in PyTorch ops and so is differentiable again, to any order. Both define `setup_context` and
+`vmap`, so torch.func.grad, vmap (over tasks, per-task learning rates included) and
+functional_call work through them.
+
+With d = s·g + wd·p (s = −1 when maximizing), the step is p' = p − lr·(K·d + L·buf): linear in
+(p, g, buf), with coefficients K(m), L(m) that depend on the momentum only (`_coefficients`).
+
+Tensors travel flat: ``[*params, *grads, *buffers, lr, weight_decay, momentum]`` (buffers only
+when given; weight_decay and momentum may be None), described by a `Layout`.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ._library import wanted_grads
+from ._pilot_ops import pilot_sgd_step, pilot_sgd_step_backward
+from ._pilot_portable import list_dot
+
+
+class Layout(NamedTuple):
+    n: int                 # tensors per list
+    has_buffers: bool
+    config: tuple          # (dampening, nesterov, maximize)
+    tensor_scalars: tuple  # which of (lr, weight_decay, momentum) the user gave as tensors
+
+
+def unpack(layout: Layout, tensors):
+    """(params, grads, buffers or None, lr, weight_decay, momentum) from the flat tensors."""
+    n = layout.n
+    buffers = list(tensors[2 * n:3 * n]) if layout.has_buffers else None
+    return (list(tensors[:n]), list(tensors[n:2 * n]), buffers, *tensors[-3:])
+
+
+def _groups(layout: Layout, flags):
+    """Per-input flags grouped as (params, grads, buffers, lr, wd, m), lists reduced by any()."""
+    n = layout.n
+    b = 3 * n if layout.has_buffers else 2 * n
+    return [any(flags[:n]), any(flags[n:2 * n]), any(flags[2 * n:b]), *flags[b:]]
+
+
+def _wanted(ctx, tensors):
+    """needs_input_grad per tensor input (None inputs: False), narrowed by the engine."""
+    present = [t is not None for t in tensors]
+    needs = [need for need, p in zip(ctx.needs_input_grad[-len(tensors):], present) if p]
+    narrowed = iter(wanted_grads(ctx, needs))
+    return [next(narrowed) if p else False for p in present]
+
+
+class PilotStep(torch.autograd.Function):
+    """p'_i for every i: `apply(layout, *tensors)` returns one tensor per param."""
+
+    @staticmethod
+    def forward(layout, *tensors):
+        return tuple(pilot_sgd_step(*unpack(layout, tensors), *layout.config,
+                                    list(layout.tensor_scalars)))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        layout, *tensors = inputs
+        ctx.layout = layout
+        ctx.save_for_backward(*tensors)
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        layout, tensors = ctx.layout, ctx.saved_tensors
+        wanted = _wanted(ctx, tensors)
+        want = _groups(layout, wanted)
+        weight_decay = tensors[-2]
+        # Without weight decay ∂p'/∂p is the identity: the params' gradient is grad_outputs.
+        mask = [want[0] and weight_decay is not None, *want[1:]]
+        # torch.compile traces backward graphs first-order only: the op alone, without a node.
+        backward = (PilotStepBackward.forward if torch.compiler.is_compiling()
+                    else PilotStepBackward.apply)
+        flat = backward(layout, tuple(mask), *grad_outputs, *tensors)
+        grads, at = [], 0
+        for group, size in enumerate(_group_sizes(layout, tensors)):
+            if group == 0 and not mask[0]:
+                grads.extend(grad_outputs if want[0] else [None] * size)
+            elif mask[group]:
+                grads.extend(flat[at:at + size])
+                at += size
+            else:
+                grads.extend([None] * size)
+        return (None, *(g if w else None for g, w in zip(grads, wanted)))
+
+    @staticmethod
+    def vmap(info, in_dims, layout, *tensors):
+        dims = in_dims[1:]
+        if any(d is not None for d in dims[-3:]):      # batched step sizes: one step per task
+            return _per_sample(lambda *ts: PilotStep.apply(layout, *ts), info, dims, tensors)
+        # Shared step sizes: the step is elementwise, so a batch of lists is a longer list.
+        lists = [_batch_first(t, d, info.batch_size) for t, d in zip(tensors[:-3], dims[:-3])]
+        out = PilotStep.apply(layout, *lists, *tensors[-3:])
+        return out, (0,) * len(out)
+
+
+def _group_sizes(layout, tensors):
+    n = layout.n
+    return [n, n, n if layout.has_buffers else 0, 1, 1, 1]
+
+
+class PilotStepBackward(torch.autograd.Function):
+    """`apply(layout, mask, *grad_outputs, *tensors)`: the gradients the mask selects, flat
+    (params', grads', buffers' lists, then the lr, weight-decay and momentum scalars)."""
+
+    @staticmethod
+    def forward(layout, mask, *tensors):
+        w, step = list(tensors[:layout.n]), tensors[layout.n:]
+        out = pilot_sgd_step_backward(w, *unpack(layout, step), *layout.config, list(mask))
+        return (*out[0], *out[1], *out[2], *(s for s, on in zip(out[3:], mask[3:]) if on))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        layout, mask, *tensors = inputs
+        ctx.layout, ctx.mask = layout, mask
+        ctx.save_for_backward(*tensors)
+
+    @staticmethod
+    def backward(ctx, *cotangents):
+        layout, mask = ctx.layout, ctx.mask
+        tensors = ctx.saved_tensors
+        w, step = list(tensors[:layout.n]), tensors[layout.n:]
+        sizes = [layout.n] * 3 + [1] * 3
+        parts, at = [], 0
+        for on, size in zip(mask, sizes):
+            parts.append(list(cotangents[at:at + size]) if on else None)
+            at += size if on else 0
+        cp, cg, cb = parts[:3]
+        cb = cb if layout.has_buffers else None
+        c_scalars = [p[0] if p is not None else None for p in parts[3:]]
+        needs = ctx.needs_input_grad[2:]
+        grads = _second_order(layout, w, *unpack(layout, step), cp, cg, cb, *c_scalars, needs)
+        return (None, None, *grads)
+
+    @staticmethod
+    def vmap(info, in_dims, layout, mask, *tensors):
+        # The scalar gradients are sums over each task's elements: one call per task.
+        return _per_sample(lambda *ts: PilotStepBackward.apply(layout, mask, *ts), info,
+                           in_dims[2:], tensors)
+
+
+def _per_sample(fn, info, dims, tensors):
+    """vmap by a loop: fn on each sample's tensors, outputs stacked along dim 0."""
+    results = [fn(*(t.select(d, i) if d is not None else t for t, d in zip(tensors, dims)))
+               for i in range(info.batch_size)]
+    out = tuple(torch.stack(ts) for ts in zip(*results))
+    return out, (0,) * len(out)
+
+
+def _batch_first(x, dim, size):
+    """x with the batch dim first (expanded when x is not batched)."""
+    return x.movedim(dim, 0) if dim is not None else x.expand(size, *x.shape)
+
+
+def _coefficients(m, dampening, nesterov, has_buffers):
+    """(K, L, ∂K/∂m, ∂L/∂m, ∂²L/∂m²) of u = K·d + L·buf for momentum m (None: off)."""
+    if m is None or not (nesterov or has_buffers):
+        return 1, 0, 0, 0, 0
+    if not has_buffers:                                    # Nesterov, first step: u = (1 + m)·d
+        return 1 + m, 0, 1, 0, 0
+    c = 1 - dampening
+    if not nesterov:                                       # u = m·buf + c·d
+        return c, m, 0, 1, 0
+    return 1 + m * c, m * m, c, 2 * m, 2                   # u = d + m·(m·buf + c·d)
+
+
+def _coef(*factors):
+    """The product of the factors; None if one is None or the number 0 (an absent term)."""
+    out = 1
+    for f in factors:
+        if f is None or (not isinstance(f, torch.Tensor) and f == 0):
+            return None
+        out = out * f
+    return out
+
+
+def _total(*coefs):
+    """The sum of the coefficients that are present (None if none is)."""
+    present = [c for c in coefs if c is not None]
+    return sum(present[1:], present[0]) if present else None
+
+
+def _combine(terms, like):
+    """Per tensor Σ coef·x over the (coef, xs) terms whose coef and xs are present."""
+    live = [(c, xs) for c, xs in terms if c is not None and xs is not None]
+    out = []
+    for i, ref in enumerate(like):
+        acc = torch.zeros_like(ref)
+        for c, xs in live:
+            acc = acc + xs[i] * c
+        out.append(acc)
+    return out
+
+
+def _scalar_total(terms, like):
+    """Σ coef·dot over the (coef, dot) terms that are present, as a scalar like `like`."""
+    total = _total(*(_coef(c, dot) for c, dot in terms if dot is not None))
+    return (total if total is not None else torch.zeros((), dtype=torch.float64)).to(like)
+
+
+def _second_order(layout, w, params, grads, buffers, lr, wd, m, cp, cg, cb, clr, cwd, cm, needs):
+    """The derivative of pilot_sgd_step_backward, from its closed form (with u_m = ∂u/∂m):
+
+        ∂p = w − lr·K·wd·w,  ∂g = −lr·K·s·w,  ∂buf = −lr·L·w,
+        ∂lr = −Σ⟨w, u⟩,  ∂wd = −lr·K·Σ⟨w, p⟩,  ∂m = −lr·Σ⟨w, u_m⟩,
+
+    contracted with the cotangents (cp, cg, cb lists; clr, cwd, cm scalars; None: absent).
+    Returns the gradients of the flat inputs (w, params, grads, buffers, lr, wd, m), None where
+    `needs` is False.
+    """
+    dampening, nesterov, maximize = layout.config
+    s = -1 if maximize else 1
+    k, l, k_m, l_m, l_mm = _coefficients(m, dampening, nesterov, buffers is not None)
+    d = _combine([(s, grads), (wd, params)], params)
+    u = _combine([(k, d), (_coef(l), buffers)], params)
+    u_m = _combine([(_coef(k_m), d), (_coef(l_m), buffers)], params)
+    dot = {name: list_dot(w, xs) if xs is not None else None
+           for name, xs in (("cp", cp), ("cg", cg), ("cb", cb), ("p", params), ("um", u_m),
+                            ("b", buffers))}
+    g_w = _combine([(1, cp), (_coef(-1, lr, k, wd), cp), (_coef(-s, lr, k), cg),
+                    (_coef(-1, lr, l), cb), (_coef(-1, clr), u),
+                    (_coef(-1, cwd, lr, k), params), (_coef(-1, cm, lr), u_m)], params)
+    g_p = _combine([(_total(_coef(-1, clr, k, wd), _coef(-1, cwd, lr, k),
+                            _coef(-1, cm, lr, k_m, wd)), w)], params)
+    g_g = _combine([(_total(_coef(-s, clr, k), _coef(-s, cm, lr, k_m)), w)], params)
+    g_b = (_combine([(_total(_coef(-1, clr, l), _coef(-1, cm, lr, l_m)), w)], params)
+           if buffers is not None else [])
+    n = layout.n
+    b = 3 * n if buffers is not None else 2 * n
+    out = [*g_w, *g_p, *g_g, *g_b]
+    if needs[n + b]:
+        out.append(_scalar_total([(_coef(-1, k, wd), dot["cp"]), (_coef(-s, k), dot["cg"]),
+                                  (_coef(-1, l), dot["cb"]), (_coef(-1, cwd, k), dot["p"]),
+                                  (_coef(-1, cm), dot["um"])], lr))
+    else:
+        out.append(None)
+    out.append(_scalar_total([(_coef(-1, lr, k), dot["cp"]), (_coef(-1, clr, k), dot["p"]),
+                              (_coef(-1, cm, lr, k_m), dot["p"])], wd)
+               if needs[n + b + 1] else None)
+    out.append(_scalar_total([(_coef(-1, lr, k_m, wd), dot["cp"]),
+                              (_coef(-s, lr, k_m), dot["cg"]), (_coef(-1, lr, l_m), dot["cb"]),
+                              (_coef(-1, clr), dot["um"]), (_coef(-1, cwd, lr, k_m), dot["p"]),
+                              (_coef(-1, cm, lr, l_mm), dot["b"])], m)
+               if needs[n + b + 2] else None)
+    return [g if need else None for g, need in zip(out, needs)]

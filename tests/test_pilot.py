@@ -1,0 +1,313 @@
+"""kdops.pilot_sgd_step: bit-exact against the per-tensor loop, exact derivatives to any order,
+the registered ops' contract, torch.func transforms, and the pilot_update helper. Every test
+that takes the ``backend`` fixture runs on the native CPU kernels and on the portable ones.
+"""
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+import kdops
+from kdops import _pilot_ops, reference
+
+# (weight_decay, momentum, buffers?, dampening, nesterov, maximize)
+CONFIGS = [
+    (0.0, 0.0, False, 0.0, False, False),
+    (0.01, 0.0, False, 0.0, False, True),
+    (0.0, 0.9, False, 0.0, False, False),
+    (0.05, 0.9, True, 0.0, False, False),
+    (0.05, 0.9, True, 0.3, False, True),
+    (0.0, 0.9, False, 0.0, True, False),
+    (0.05, 0.8, True, 0.0, True, False),
+]
+CONFIG_IDS = ["plain", "wd-max", "mom-first", "mom-buf", "mom-damp-max", "nest-first",
+              "nest-buf"]
+SHAPES = [(7, 5), (33,), (3, 4, 5), (1,), (2, 3, 3, 3)]
+
+
+def tensors(dtypes, seed=0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    shapes = SHAPES * (len(dtypes) // len(SHAPES) + 1)
+    return [torch.randn(s, generator=g, dtype=torch.float64).to(dt).requires_grad_(requires_grad)
+            for s, dt in zip(shapes, dtypes)]
+
+
+def kwargs_for(config, params, tensor_scalars=False, dtype=torch.float64, seed=9):
+    wd, m, with_buffers, dampening, nesterov, maximize = config
+    if tensor_scalars:
+        wd = torch.tensor(wd, dtype=dtype, requires_grad=True) if wd else wd
+        m = torch.tensor(m, dtype=dtype, requires_grad=True) if m else m
+    buffers = tensors([p.dtype for p in params], seed=seed) if with_buffers else None
+    return dict(weight_decay=wd, momentum=m, momentum_buffers=buffers, dampening=dampening,
+                nesterov=nesterov, maximize=maximize)
+
+
+MIXED = [torch.float32, torch.bfloat16, torch.float32, torch.float16, torch.float64,
+         torch.bfloat16, torch.float32]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize("dtypes", [[torch.float32] * 5, [torch.bfloat16] * 5, MIXED],
+                         ids=["fp32", "bf16", "mixed"])
+@pytest.mark.parametrize("lr_kind", ["float", "tensor"])
+def test_step_is_bit_exact_against_per_tensor_loop(backend, config, dtypes, lr_kind):
+    params, grads = tensors(dtypes, seed=1), tensors(dtypes, seed=2)
+    kwargs = kwargs_for(config, params, tensor_scalars=lr_kind == "tensor",
+                        dtype=torch.float32)
+    lr = 0.0123 if lr_kind == "float" else torch.tensor(0.0123)
+    before = [p.clone() for p in params]
+    out = kdops.pilot_sgd_step(params, grads, lr, **kwargs)
+    ref = reference.sgd_step(params, grads, lr, **kwargs)
+    for o, r, p, b in zip(out, ref, params, before):
+        assert o.dtype == r.dtype and o.shape == r.shape
+        assert torch.equal(o, r), (o - r).abs().max()
+        assert torch.equal(p, b) and o.data_ptr() != p.data_ptr()
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_matches_autograd_of_the_loop(backend, config, dtype):
+    """Tensor gradients bit for bit (the same ops in the same order). The scalar gradients are
+    sums over every element of products of those rounded gradients: kdops accumulates them in
+    float64, autograd of the loop in the tensors' dtype; both are checked against the float64
+    answer to a few units of the dtype's rounding."""
+    def inputs_and_kwargs(dt):
+        params = tensors([dt] * 5, seed=1, requires_grad=True)
+        grads = tensors([dt] * 5, seed=2, requires_grad=True)
+        kwargs = kwargs_for(config, params, tensor_scalars=True, dtype=torch.float32)
+        for b in kwargs["momentum_buffers"] or []:
+            b.requires_grad_()
+        lr = torch.tensor(0.05, requires_grad=True)
+        scalars = [x for x in (kwargs["weight_decay"], kwargs["momentum"])
+                   if isinstance(x, torch.Tensor)]
+        inputs = [*params, *grads, *(kwargs["momentum_buffers"] or []), lr, *scalars]
+        return params, grads, lr, kwargs, inputs
+
+    def vjp(step, dt):
+        params, grads, lr, kwargs, inputs = inputs_and_kwargs(dt)
+        out = step(params, grads, lr, **kwargs)
+        return torch.autograd.grad(out, inputs, tensors([dt] * len(params), seed=3),
+                                   allow_unused=True, materialize_grads=True)
+
+    got, want = vjp(kdops.pilot_sgd_step, dtype), vjp(reference.sgd_step, dtype)
+    exact = vjp(reference.sgd_step, torch.float64)
+    for i, (g, w, e) in enumerate(zip(got, want, exact)):
+        if g.dim() > 0:
+            assert torch.equal(g, w), (i, (g - w).abs().max())
+        else:
+            rtol = 8 * torch.finfo(dtype).eps
+            torch.testing.assert_close(g.double(), e.double(), rtol=rtol, atol=rtol)
+            torch.testing.assert_close(w.double(), e.double(), rtol=rtol, atol=rtol)
+
+
+def _flat_step(config, n, with_buffers):
+    _, _, _, dampening, nesterov, maximize = config
+
+    def step(*xs):
+        params, grads = list(xs[:n]), list(xs[n:2 * n])
+        buffers = list(xs[2 * n:3 * n]) if with_buffers else None
+        lr, wd, m = xs[-3:]
+        return tuple(kdops.pilot_sgd_step(params, grads, lr, weight_decay=wd, momentum=m,
+                                          momentum_buffers=buffers, dampening=dampening,
+                                          nesterov=nesterov, maximize=maximize))
+    return step
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+def test_gradcheck_and_gradgradcheck_float64(backend, config):
+    wd, m, with_buffers, *_ = config
+    params = tensors([torch.float64] * 3, seed=1, requires_grad=True)
+    grads = tensors([torch.float64] * 3, seed=2, requires_grad=True)
+    buffers = tensors([torch.float64] * 3, seed=4, requires_grad=True) if with_buffers else []
+    scalars = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (0.1, wd, m)]
+    # A zero weight decay or momentum is off (a number); a tensor always takes its branch.
+    scalars = [s if i == 0 or s.item() else 0.0 for i, s in enumerate(scalars)]
+    inputs = (*params, *grads, *buffers, *scalars)
+    step = _flat_step(config, 3, with_buffers)
+    assert torch.autograd.gradcheck(step, inputs)
+    assert torch.autograd.gradgradcheck(step, inputs)
+
+
+def test_gradcheck_with_some_inputs_constant(backend):
+    params = tensors([torch.float64] * 3, seed=1, requires_grad=True)
+    grads = tensors([torch.float64] * 3, seed=2)
+    grads[1].requires_grad_()
+    buffers = tensors([torch.float64] * 3, seed=4)
+    lr = torch.tensor(0.3, dtype=torch.float64)
+    m = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    step = _flat_step((0.0, 0.7, True, 0.0, True, False), 3, True)
+    inputs = (*params, *grads, *buffers, lr, 0.0, m)
+    assert torch.autograd.gradcheck(step, inputs)
+    assert torch.autograd.gradgradcheck(step, inputs)
+
+
+def test_third_order_matches_the_loop(backend):
+    """Momentum enters squared (Nesterov with buffers): d³/dm³ of Σ p'³ is not zero."""
+    params = tensors([torch.float64] * 3, seed=1)
+    grads = tensors([torch.float64] * 3, seed=2)
+    buffers = tensors([torch.float64] * 3, seed=4)
+
+    def third(step):
+        m = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
+        out = step(params, grads, 0.4, momentum=m, momentum_buffers=buffers, nesterov=True)
+        y = sum((o ** 3).sum() for o in out)
+        for _ in range(3):
+            (y,) = torch.autograd.grad(y, m, create_graph=True)
+        return y
+
+    torch.testing.assert_close(third(kdops.pilot_sgd_step), third(reference.sgd_step),
+                               rtol=1e-12, atol=0)
+
+
+def _metadistil_meta_gradient(step, dtype=torch.float64):
+    """A pilot step on a KD loss whose teacher is learnable, then the quiz loss's gradient to
+    the teacher and to the learning rate, through the step (create_graph)."""
+    g = torch.Generator().manual_seed(0)
+    x, xq = torch.randn(16, 6, generator=g, dtype=dtype), torch.randn(16, 6, generator=g,
+                                                                          dtype=dtype)
+    yq = torch.randint(0, 5, (16,), generator=g)
+    w1 = torch.randn(6, 8, generator=g, dtype=dtype, requires_grad=True)
+    w2 = torch.randn(8, 5, generator=g, dtype=dtype, requires_grad=True)
+    teacher = torch.randn(6, 5, generator=g, dtype=dtype, requires_grad=True)
+    lr = torch.tensor(0.5, dtype=dtype, requires_grad=True)
+    student = lambda x, a, b: torch.tanh(x @ a) @ b
+    loss = reference.hinton_kd_loss(student(x, w1, w2), x @ teacher, 2.0)
+    gw = torch.autograd.grad(loss, (w1, w2), create_graph=True)
+    fast = step([w1, w2], gw, lr, weight_decay=0.01, momentum=0.9,
+                momentum_buffers=[torch.ones_like(w1), torch.ones_like(w2)])
+    quiz = nn.functional.cross_entropy(student(xq, *fast), yq)
+    return torch.autograd.grad(quiz, (teacher, lr))
+
+
+def test_meta_gradient_through_the_step_equals_the_loop(backend):
+    got = _metadistil_meta_gradient(kdops.pilot_sgd_step)
+    want = _metadistil_meta_gradient(reference.sgd_step)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+def test_opcheck(backend, config):
+    wd, m, with_buffers, dampening, nesterov, maximize = config
+    params = tensors(MIXED, seed=1)
+    params[2] = params[2].transpose(0, 1)                       # a strided parameter
+    grads, cot = tensors(MIXED, seed=2), tensors(MIXED, seed=3)
+    grads[2], cot[2] = grads[2].transpose(0, 1).contiguous(), cot[2].transpose(0, 1)
+    buffers = tensors(MIXED, seed=4) if with_buffers else None
+    if buffers is not None:
+        buffers[2] = buffers[2].transpose(0, 1).contiguous()
+    scalar = lambda v: None if not v else torch.tensor(v, dtype=torch.float64)
+    args = (params, grads, buffers, torch.tensor(0.1), scalar(wd), scalar(m), dampening,
+            nesterov, maximize)
+    torch.library.opcheck(_pilot_ops.pilot_sgd_step, (*args, [True, False, True]))
+    mask = [True, True, with_buffers, True, bool(wd), bool(m)]
+    torch.library.opcheck(_pilot_ops.pilot_sgd_step_backward, (cot, *args, mask))
+
+
+def test_func_grad_and_vmap_over_tasks(backend):
+    params = tensors([torch.float32] * 3, seed=1)
+    tasks = 4
+    per_task = [tensors([torch.float32] * 3, seed=10 + i) for i in range(tasks)]
+    task_grads = [torch.stack([grads[j] for grads in per_task]) for j in range(3)]
+    lrs = torch.rand(tasks) + 0.1
+
+    def meta(lr, grads, step):
+        new = step(params, grads, lr, momentum=0.9, weight_decay=0.1)
+        return sum((x ** 2).sum() for x in new)
+
+    for in_dims in [(None, 0), (0, 0)]:
+        lr = lrs if in_dims[0] == 0 else torch.tensor(0.3)
+        got = vmap(grad(meta, argnums=(0, 1)), in_dims=(*in_dims, None))(
+            lr, task_grads, kdops.pilot_sgd_step)
+        want = vmap(grad(meta, argnums=(0, 1)), in_dims=(*in_dims, None))(
+            lr, task_grads, reference.sgd_step)
+        torch.testing.assert_close(got, want)
+        out = vmap(lambda l, g: kdops.pilot_sgd_step(params, g, l), in_dims=in_dims)(
+            lr, task_grads)
+        ref = vmap(lambda l, g: reference.sgd_step(params, g, l), in_dims=in_dims)(
+            lr, task_grads)
+        assert all(torch.equal(a, b) for a, b in zip(out, ref))
+    second = grad(grad(meta))(torch.tensor(0.3), [t[0] for t in task_grads], kdops.pilot_sgd_step)
+    want = grad(grad(meta))(torch.tensor(0.3), [t[0] for t in task_grads], reference.sgd_step)
+    torch.testing.assert_close(second, want)
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 5)
+        self.frozen = nn.Parameter(torch.ones(1), requires_grad=False)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x))).mean((2, 3))) * self.frozen
+
+
+def test_pilot_update_fast_weights_and_buffers(backend):
+    torch.manual_seed(0)
+    net = _Net().train()
+    x, y = torch.randn(6, 3, 8, 8), torch.randint(0, 5, (6,))
+    teacher_scale = torch.tensor(1.5, requires_grad=True)
+    loss = nn.functional.cross_entropy(net(x) * teacher_scale, y)
+    stats = {k: v.clone() for k, v in net.named_buffers()}
+    fast = kdops.pilot_update(net, loss, 0.1, momentum=0.0)
+    assert set(fast) == {n for n, _ in net.named_parameters()} | {n for n, _ in
+                                                                   net.named_buffers()}
+    assert fast["frozen"] is net.frozen
+    (gw,) = torch.autograd.grad(loss, [net.conv.weight], retain_graph=True)
+    torch.testing.assert_close(fast["conv.weight"], net.conv.weight - 0.1 * gw)
+    quiz = nn.functional.cross_entropy(functional_call(net, fast, (x,)), y)
+    for name, value in net.named_buffers():
+        assert torch.equal(value, stats[name]), name           # the real model is untouched
+    assert not torch.equal(fast["bn.running_mean"], stats["bn.running_mean"])
+    (meta,) = torch.autograd.grad(quiz, teacher_scale)          # through the step
+    assert meta.abs() > 0
+
+
+def test_none_grads_pass_params_through(backend):
+    params = tensors([torch.float32] * 3, seed=1)
+    grads = tensors([torch.float32] * 3, seed=2)
+    out = kdops.pilot_sgd_step(params, [grads[0], None, grads[2]], 0.1, weight_decay=0.1)
+    assert out[1] is params[1]
+    assert torch.equal(out[2], reference.sgd_step(params[2:], grads[2:], 0.1,
+                                                  weight_decay=0.1)[0])
+    assert kdops.pilot_sgd_step([params[0]], [None], 0.1) == [params[0]]
+
+
+def test_compiled_step(backend):
+    params = tensors([torch.float32] * 3, seed=1, requires_grad=True)
+    grads = tensors([torch.float32] * 3, seed=2)
+    lr = torch.tensor(0.2, requires_grad=True)
+
+    def meta(lr):
+        new = kdops.pilot_sgd_step(params, grads, lr, momentum=0.5)
+        return sum((x ** 2).sum() for x in new)
+
+    compiled = torch.compile(meta, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(torch.autograd.grad(compiled(lr), lr),
+                               torch.autograd.grad(meta(lr), lr))
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda p, g: kdops.pilot_sgd_step(p, g[:1], 0.1), ValueError, "grads has 1"),
+    (lambda p, g: kdops.pilot_sgd_step(p, [x.double() for x in g], 0.1), ValueError,
+     r"grads\[0\]"),
+    (lambda p, g: kdops.pilot_sgd_step(p, [x[:1] for x in g], 0.1), ValueError, r"grads\[0\]"),
+    (lambda p, g: kdops.pilot_sgd_step([x.long() for x in p], g, 0.1), TypeError, "floating"),
+    (lambda p, g: kdops.pilot_sgd_step(p, g, -0.1), ValueError, "lr"),
+    (lambda p, g: kdops.pilot_sgd_step(p, g, float("nan")), ValueError, "lr"),
+    (lambda p, g: kdops.pilot_sgd_step(p, g, "0.1"), TypeError, "lr"),
+    (lambda p, g: kdops.pilot_sgd_step(p, g, torch.ones(2)), ValueError, "lr"),
+    (lambda p, g: kdops.pilot_sgd_step(p, g, 0.1, momentum=-1.0), ValueError, "momentum"),
+    (lambda p, g: kdops.pilot_sgd_step(p, g, 0.1, nesterov=True), ValueError, "nesterov"),
+    (lambda p, g: kdops.pilot_sgd_step(p, g, 0.1, momentum=0.9, dampening=2.0), ValueError,
+     "dampening"),
+    (lambda p, g: kdops.pilot_sgd_step(p, g, 0.1, momentum=0.9, momentum_buffers=g[:1]),
+     ValueError, "momentum_buffers"),
+    (lambda p, g: kdops.pilot_update(p, g[0].sum(), 0.1), TypeError, "nn.Module"),
+])
+def test_bad_arguments_raise(call, error, match):
+    params, grads = tensors([torch.float32] * 2, seed=1), tensors([torch.float32] * 2, seed=2)
+    with pytest.raises(error, match=match):
+        call(params, grads)
