@@ -79,8 +79,25 @@ def _intermediates(params, grads, buffers, wd, m, dampening, nesterov, maximize,
     return d, b, u
 
 
+def check_lists(params, *lists) -> None:
+    """The ops' contract: floating params; each list's tensor like its param (else RuntimeError,
+    as the native kernels raise)."""
+    for xs in lists:
+        if xs is not None and len(xs) != len(params):
+            raise RuntimeError("kdops: the tensor lists of a pilot step differ in length")
+    for i, p in enumerate(params):
+        if not p.is_floating_point():
+            raise RuntimeError(f"kdops: params[{i}] is not a floating tensor")
+        for xs in lists:
+            x = xs[i] if xs is not None else p
+            if x.shape != p.shape or x.dtype != p.dtype or x.device != p.device:
+                raise RuntimeError(f"kdops: the tensors of position {i} must share the param's "
+                                   "shape, dtype and device")
+
+
 def pilot_sgd_step(params, grads, momentum_buffers, lr, weight_decay, momentum, dampening,
                    nesterov, maximize, tensor_scalars):
+    check_lists(params, grads, momentum_buffers)
     grads = conform(grads, params)
     buffers = None if momentum_buffers is None else conform(momentum_buffers, params)
     _, _, u = _intermediates(params, grads, buffers, weight_decay, momentum, dampening,
@@ -95,6 +112,7 @@ def empty_scalar_grad(x: Tensor | None) -> Tensor:
 
 def pilot_sgd_step_backward(grad_outputs, params, grads, momentum_buffers, lr, weight_decay,
                             momentum, dampening, nesterov, maximize, output_mask):
+    check_lists(params, grad_outputs, grads, momentum_buffers)
     w = conform(grad_outputs, params)
     params, grads = conform(params, params), conform(grads, params)
     buffers = None if momentum_buffers is None else conform(momentum_buffers, params)

@@ -69,20 +69,29 @@ def pilot_sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor | None], lr,
         raise ValueError("pilot_sgd_step: nesterov needs a momentum and zero dampening "
                          "(as torch.optim.SGD)")
     live = [i for i, g in enumerate(grads) if g is not None]
-    _check_lists(params, grads, buffers, live)
-    device = params[live[0]].device if live else None
+    out = list(params)
+    if not live:
+        return out
+    first = params[live[0]]
+    device = first.device if isinstance(first, Tensor) else None
     lr_t = _scalar("lr", lr, device)
     wd_t = None if _is_zero(weight_decay) else _scalar("weight_decay", weight_decay, device)
     m_t = None if _is_zero(momentum) else _scalar("momentum", momentum, device)
-    out = list(params)
-    if live:
-        bufs = [] if buffers is None or m_t is None else [buffers[i] for i in live]
-        layout = Layout(len(live), bool(bufs), (float(dampening), bool(nesterov), bool(maximize)),
-                        tuple(isinstance(x, Tensor) for x in (lr, weight_decay, momentum)))
-        stepped = PilotStep.apply(layout, *(params[i] for i in live), *(grads[i] for i in live),
-                                  *bufs, lr_t, wd_t, m_t)
-        for i, p in zip(live, stepped):
-            out[i] = p
+    bufs = [] if buffers is None or m_t is None else [buffers[i] for i in live]
+    layout = Layout(len(live), bool(bufs), (float(dampening), bool(nesterov), bool(maximize)),
+                    tuple(isinstance(x, Tensor) for x in (lr, weight_decay, momentum)))
+    tensors = (*(params[i] for i in live), *(grads[i] for i in live), *bufs, lr_t, wd_t, m_t)
+    try:
+        if _needs_autograd(tensors):
+            stepped = PilotStep.apply(layout, *tensors)
+        else:                               # no graph to record: skip the Function's overhead
+            stepped = PilotStep.forward(layout, *tensors)
+    except (RuntimeError, TypeError):
+        # The ops check every position (cheaply, in bulk); name the culprit for the user.
+        _check_lists(params, grads, buffers if bufs else None, live)
+        raise
+    for i, p in zip(live, stepped):
+        out[i] = p
     return out
 
 
@@ -115,6 +124,13 @@ def pilot_update(module: nn.Module, loss: Tensor, lr, *, create_graph: bool = Tr
     return fast
 
 
+def _needs_autograd(tensors) -> bool:
+    """Whether the step must be recorded: a grad-requiring input, or a torch.func transform
+    (always under torch.compile, which traces the Function)."""
+    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or (
+        torch.is_grad_enabled() and torch._C._any_requires_grad(*tensors))
+
+
 def _is_zero(x) -> bool:
     return not isinstance(x, Tensor) and x == 0
 
@@ -137,24 +153,25 @@ def _scalar(name: str, x, device) -> Tensor:
 
 
 def _check_lists(params, grads, buffers, live) -> None:
-    device = params[live[0]].device if live else None
+    """Raises the TypeError/ValueError that names the first inconsistent position."""
+    first = params[live[0]]
+    device = first.device if isinstance(first, Tensor) else None
     for i in live:
         p = params[i]
         if not isinstance(p, Tensor) or not p.is_floating_point():
             raise TypeError(f"pilot_sgd_step: params[{i}] must be a floating tensor")
-        if p.device != device:
+        key = (p.shape, p.dtype, p.device)
+        if key[2] != device:
             raise ValueError(f"pilot_sgd_step: params[{i}] is on {p.device}, params[{live[0]}] "
                              f"on {device}")
         for name, xs in (("grads", grads), ("momentum_buffers", buffers)):
-            x = None if xs is None else xs[i]
-            if xs is None or (name == "momentum_buffers" and x is None):
+            if xs is None:
                 continue
+            x = xs[i]
             if not isinstance(x, Tensor):
-                raise TypeError(f"pilot_sgd_step: {name}[{i}] must be a tensor")
-            if x.shape != p.shape or x.dtype != p.dtype or x.device != p.device:
+                raise (ValueError if x is None else TypeError)(
+                    f"pilot_sgd_step: {name}[{i}] must be a tensor (params[{i}] has a gradient)")
+            if (x.shape, x.dtype, x.device) != key:
                 raise ValueError(
                     f"pilot_sgd_step: {name}[{i}] is {tuple(x.shape)} {x.dtype} on {x.device}; "
                     f"params[{i}] is {tuple(p.shape)} {p.dtype} on {p.device}")
-    if buffers is not None and any(buffers[i] is None for i in live):
-        raise ValueError("pilot_sgd_step: momentum_buffers must hold a tensor for every "
-                         "parameter that has a gradient")

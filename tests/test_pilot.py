@@ -8,7 +8,9 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import kdops
-from kdops import _pilot_ops, reference
+from kdops import _library, _pilot_ops, reference
+
+from conftest import NATIVE
 
 # (weight_decay, momentum, buffers?, dampening, nesterov, maximize)
 CONFIGS = [
@@ -287,6 +289,44 @@ def test_compiled_step(backend):
     compiled = torch.compile(meta, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(torch.autograd.grad(compiled(lr), lr),
                                torch.autograd.grad(meta(lr), lr))
+
+
+@pytest.mark.skipif(not NATIVE, reason="kdops._C is not built (KDOPS_NO_EXTENSION=1)")
+def test_native_kernels_match_portable_with_any_thread_count():
+    """Several chunks per tensor (kChunk = 32768 elements): bitwise equal with 1 and 2 threads
+    and to the portable implementation; the float64 scalar sums to rounding."""
+    params = tensors(MIXED, seed=1) + [torch.randn(70001), torch.randn(300, 400).bfloat16()]
+    grads = tensors(MIXED, seed=2) + [torch.randn(70001), torch.randn(300, 400).bfloat16()]
+    buffers = [torch.randn_like(p) for p in params]
+    cot = [torch.randn_like(p) for p in params]
+
+    def run():
+        ps = [p.detach().requires_grad_() for p in params]
+        gs = [g.detach().requires_grad_() for g in grads]
+        bs = [b.detach().requires_grad_() for b in buffers]
+        lr, wd, m = (torch.tensor(v, dtype=torch.float64, requires_grad=True)
+                     for v in (0.1, 0.01, 0.9))
+        out = kdops.pilot_sgd_step(ps, gs, lr, weight_decay=wd, momentum=m, momentum_buffers=bs,
+                                   nesterov=True)
+        return out + list(torch.autograd.grad(out, ps + gs + bs + [lr, wd, m], cot))
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(2)
+        two = run()
+    finally:
+        torch.set_num_threads(threads)
+    with _library.portable_on_cpu():
+        portable = run()
+    assert kdops.backend_info()["pilot_sgd_step"]["cpu"] == "native"
+    for a, b, c in zip(one, two, portable):
+        assert torch.equal(a, b)
+        if a.dim() > 0:
+            assert torch.equal(a, c)
+        else:
+            torch.testing.assert_close(a, c, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("call,error,match", [

@@ -127,6 +127,8 @@ struct Lists {
                 "kdops: momentum_buffers and params differ in length");
     for (size_t i = 0; i < params_in.size(); ++i) {
       const Tensor& p = params_in[i];
+      TORCH_CHECK(at::isFloatingType(p.scalar_type()) && p.device().is_cpu(),
+                  "kdops: params[", i, "] must be a floating CPU tensor");
       like.push_back(at::empty_like(p));
       advise_huge_pages(like.back());
       for (const Tensor* x : {&grads_in[i], with_buffers ? &(*buffers_in)[i] : nullptr,

@@ -1,0 +1,95 @@
+"""kdops.pilot_sgd_step vs the per-tensor loop vs torch._foreach (pytest-benchmark).
+
+    python -m pytest benchmarks/bench_pilot_sgd.py                  # resnet20 and bert_base
+    KDOPS_BENCH_LISTS=resnet20 python -m pytest benchmarks/bench_pilot_sgd.py
+
+Parameter lists (benchmarks/param_lists.py): a CIFAR ResNet-20 (0.28M parameters in 65
+tensors) and a BERT-base-shaped list (110M in 199 tensors), fp32, plain SGD with lr = 0.1, as
+MetaDistil's pilot update. Modes:
+  forward           the new parameters, without autograd
+  forward_backward  params and grads require grad (the grads come from a create_graph
+                    backward in a real pilot); the step, then the gradient of <cot, p'> to both
+Implementations: kdops (native kernels where built), kdops_portable (the portable
+torch._foreach implementation, only when the native kernels are there), loop (the per-tensor
+`p - lr * g` of MetaDistil, higher and learn2learn: `reference.sgd_step`), foreach
+(`torch._foreach_sub(params, torch._foreach_mul(grads, lr))`, differentiable since torch 2.1).
+Each case first checks its result against the loop, bit for bit.
+"""
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kdops
+from kdops import _library, reference
+
+sys.path.insert(0, str(Path(__file__).parent))
+from param_lists import param_list  # noqa: E402
+
+LR = 0.1
+
+
+def _lists():
+    return os.environ.get("KDOPS_BENCH_LISTS", "resnet20,bert_base").split(",")
+
+
+def _kdops(params, grads):
+    return kdops.pilot_sgd_step(params, grads, LR)
+
+
+def _loop(params, grads):
+    return reference.sgd_step(params, grads, LR)
+
+
+def _foreach(params, grads):
+    return torch._foreach_sub(params, torch._foreach_mul(grads, LR))
+
+
+NATIVE = kdops.backend_info()["pilot_sgd_step"]["cpu"] == "native"
+IMPLS = {"kdops": _kdops, "loop": _loop, "foreach": _foreach}
+if NATIVE:
+    IMPLS["kdops_portable"] = _kdops
+
+
+@pytest.fixture(scope="module", params=_lists())
+def lists(request):
+    params, grads = param_list(request.param)
+    cot = [torch.randn_like(p) for p in params]
+    return request.param, params, grads, cot
+
+
+def _forward(fn, params, grads, cot):
+    with torch.no_grad():
+        return fn(params, grads)
+
+
+def _forward_backward(fn, params, grads, cot):
+    params = [p.detach().requires_grad_() for p in params]
+    grads = [g.detach().requires_grad_() for g in grads]
+    out = fn(params, grads)
+    return [o.detach() for o in out] + list(torch.autograd.grad(out, params + grads, cot))
+
+
+MODES = {"forward": _forward, "forward_backward": _forward_backward}
+CASES = [(m, i) for m in MODES for i in IMPLS]
+
+
+@pytest.mark.parametrize("mode,impl", CASES, ids=[f"{m}-{i}" for m, i in CASES])
+def test_pilot_sgd(benchmark, lists, mode, impl):
+    name, params, grads, cot = lists
+    run = MODES[mode]
+    args = (IMPLS[impl], params, grads, cot)
+    context = _library.portable_on_cpu() if impl == "kdops_portable" else contextlib.nullcontext()
+    with context:
+        for got, want in zip(run(*args), run(_loop, params, grads, cot)):
+            assert torch.equal(got, want)
+        benchmark.group = f"{mode} {name}"
+        benchmark.extra_info.update(
+            mode=mode, impl=impl, params=name, tensors=len(params),
+            numel=sum(p.numel() for p in params), threads=torch.get_num_threads(),
+            torch=torch.__version__)
+        big = sum(p.numel() for p in params) > 1e7
+        benchmark.pedantic(run, args=args, rounds=5 if big else 100, warmup_rounds=1)
