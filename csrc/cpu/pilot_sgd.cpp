@@ -82,18 +82,39 @@ struct Scalars {
   }
 };
 
-// One element of the step, in the per-tensor loop's order (p' = p − lr·u):
+constexpr int64_t kBlock = 256;
+
+// The loop's intermediates for a block of n ≤ kBlock elements (p' = p − lr·u):
 //   d = ±g + wd·p;  b = d or m·buf + c·d;  u = b or d + m·b
+// one plain loop per stage, so that each vectorizes; `b` and `u` point at the stage that holds
+// them.
 template <typename S>
-struct Intermediates {
+struct Stages {
   using T = at::opmath_type<S>;
-  T d, b, u;
-  Intermediates(const Config& cfg, const Scalars<S>& k, T p, T g, T buf) {
-    d = cfg.maximize ? -g : g;
-    if (cfg.has_wd) d = round_to<S>(d + round_to<S>(k.wd * p));
-    b = d;
-    if (cfg.has_m && cfg.has_buffers) b = round_to<S>(round_to<S>(k.m * buf) + round_to<S>(k.c * d));
-    u = !cfg.has_m ? d : cfg.nesterov ? round_to<S>(d + round_to<S>(k.m * b)) : b;
+  T d[kBlock], buf_stage[kBlock], u_stage[kBlock];
+  const T *b = d, *u = d;
+  Stages(const Config& cfg, const Scalars<S>& k, const S* p, const S* g, const S* buf,
+         int64_t n) {
+    if (cfg.maximize) {
+      for (int64_t i = 0; i < n; ++i) d[i] = -T(g[i]);
+    } else {
+      for (int64_t i = 0; i < n; ++i) d[i] = T(g[i]);
+    }
+    if (cfg.has_wd) {
+      for (int64_t i = 0; i < n; ++i) d[i] = round_to<S>(d[i] + round_to<S>(k.wd * T(p[i])));
+    }
+    if (!cfg.has_m) return;
+    if (cfg.has_buffers) {
+      for (int64_t i = 0; i < n; ++i) {
+        buf_stage[i] = round_to<S>(round_to<S>(k.m * T(buf[i])) + round_to<S>(k.c * d[i]));
+      }
+      b = buf_stage;
+    }
+    u = b;
+    if (cfg.nesterov) {
+      for (int64_t i = 0; i < n; ++i) u_stage[i] = round_to<S>(d[i] + round_to<S>(k.m * b[i]));
+      u = u_stage;
+    }
   }
 };
 
@@ -179,10 +200,12 @@ std::vector<Tensor> pilot_sgd_step(TensorList params, TensorList grads,
         const scalar_t* g = in<scalar_t>(lists.grads, ch.tensor);
         const scalar_t* b = in<scalar_t>(lists.buffers, ch.tensor);
         scalar_t* o = out<scalar_t>(outs, ch.tensor);
-        for (int64_t j = ch.begin; j < ch.end; ++j) {
-          const T pj = p[j];
-          const Intermediates<scalar_t> x(cfg, k, pj, g[j], b ? T(b[j]) : T(0));
-          o[j] = static_cast<scalar_t>(pj - round_to<scalar_t>(k.lr * x.u));
+        for (int64_t at = ch.begin; at < ch.end; at += kBlock) {
+          const int64_t n = std::min(kBlock, ch.end - at);
+          const Stages<scalar_t> x(cfg, k, p + at, g + at, b ? b + at : nullptr, n);
+          for (int64_t i = 0; i < n; ++i) {
+            o[at + i] = static_cast<scalar_t>(T(p[at + i]) - round_to<scalar_t>(k.lr * x.u[i]));
+          }
         }
       });
     }
@@ -190,9 +213,34 @@ std::vector<Tensor> pilot_sgd_step(TensorList params, TensorList grads,
   return outs;
 }
 
-// Backward of one element, through the loop's intermediates in reverse (w = ∂L/∂p'):
+// The backward through the loop's intermediates in reverse (w = ∂L/∂p'), for a block:
 //   ḡu = −w·lr;  ḡb = ḡu (or m·ḡu, Nesterov);  ḡd = [Nesterov] ḡu + (c·ḡb, or ḡb without buffers)
-//   ∂p = w + wd·ḡd;  ∂g = ±ḡd;  ∂buf = m·ḡb;  sums: ⟨−w, u⟩, ⟨ḡd, p⟩, ⟨ḡb, buf⟩ + ⟨ḡu, b⟩
+// after which ∂p = w + wd·ḡd, ∂g = ±ḡd, ∂buf = m·ḡb, and the scalar gradients are the sums
+// ⟨−w, u⟩ (lr), ⟨ḡd, p⟩ (weight decay), ⟨ḡb, buf⟩ + [Nesterov] ⟨ḡu, b⟩ (momentum).
+template <typename S>
+struct BackwardStages {
+  using T = at::opmath_type<S>;
+  T g_u[kBlock], b_stage[kBlock], d_stage[kBlock];
+  const T *g_b = g_u, *g_d = g_u;
+  BackwardStages(const Config& cfg, const Scalars<S>& k, const S* w, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) g_u[i] = round_to<S>(-T(w[i]) * k.lr);
+    if (!cfg.has_m) return;
+    if (cfg.nesterov) {
+      for (int64_t i = 0; i < n; ++i) b_stage[i] = round_to<S>(g_u[i] * k.m);
+      g_b = b_stage;
+    }
+    g_d = g_b;
+    if (cfg.has_buffers) {
+      for (int64_t i = 0; i < n; ++i) d_stage[i] = round_to<S>(g_b[i] * k.c);
+      g_d = d_stage;
+    }
+    if (cfg.nesterov) {
+      for (int64_t i = 0; i < n; ++i) d_stage[i] = round_to<S>(g_u[i] + g_d[i]);
+      g_d = d_stage;
+    }
+  }
+};
+
 std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, Tensor, Tensor, Tensor>
 pilot_sgd_step_backward(TensorList grad_outputs, TensorList params, TensorList grads,
                         std::optional<TensorList> buffers, const Tensor& lr,
@@ -228,26 +276,35 @@ pilot_sgd_step_backward(TensorList grad_outputs, TensorList params, TensorList g
         scalar_t *gp = out<scalar_t>(g_params, t), *gg = out<scalar_t>(g_grads, t),
                  *gb = out<scalar_t>(g_buffers, t);
         double s_lr = 0, s_wd = 0, s_m = 0;
-        for (int64_t j = ch.begin; j < ch.end; ++j) {
-          const T wj = w[j];
-          const T g_u = round_to<scalar_t>(-wj * k.lr);
-          const T g_b = cfg.has_m && cfg.nesterov ? round_to<scalar_t>(g_u * k.m) : g_u;
-          T g_d = g_u;
-          if (cfg.has_m) {
-            const T from_b = cfg.has_buffers ? round_to<scalar_t>(g_b * k.c) : g_b;
-            g_d = cfg.nesterov ? round_to<scalar_t>(g_u + from_b) : from_b;
+        for (int64_t at = ch.begin; at < ch.end; at += kBlock) {
+          const int64_t n = std::min(kBlock, ch.end - at);
+          const BackwardStages<scalar_t> y(cfg, k, w + at, n);
+          if (gp && cfg.has_wd) {
+            for (int64_t i = 0; i < n; ++i) {
+              gp[at + i] = static_cast<scalar_t>(T(w[at + i]) + round_to<scalar_t>(y.g_d[i] * k.wd));
+            }
+          } else if (gp) {
+            std::copy(w + at, w + at + n, gp + at);
           }
-          if (gp) gp[j] = cfg.has_wd ? static_cast<scalar_t>(wj + round_to<scalar_t>(g_d * k.wd))
-                                     : static_cast<scalar_t>(wj);
-          if (gg) gg[j] = static_cast<scalar_t>(cfg.maximize ? -g_d : g_d);
-          if (gb) gb[j] = static_cast<scalar_t>(g_b * k.m);
-          if (sums) {
-            const T bj = b ? T(b[j]) : T(0);
-            const Intermediates<scalar_t> x(cfg, k, p[j], g[j], bj);
-            s_lr += -double(wj) * double(x.u);
-            s_wd += double(g_d) * double(p[j]);
-            if (cfg.has_buffers) s_m += double(g_b) * double(bj);
-            if (cfg.has_m && cfg.nesterov) s_m += double(g_u) * double(x.b);
+          if (gg && cfg.maximize) {
+            for (int64_t i = 0; i < n; ++i) gg[at + i] = static_cast<scalar_t>(-y.g_d[i]);
+          } else if (gg) {
+            for (int64_t i = 0; i < n; ++i) gg[at + i] = static_cast<scalar_t>(y.g_d[i]);
+          }
+          if (gb) {
+            for (int64_t i = 0; i < n; ++i) gb[at + i] = static_cast<scalar_t>(y.g_b[i] * k.m);
+          }
+          if (!sums) continue;
+          const Stages<scalar_t> x(cfg, k, p + at, g + at, b ? b + at : nullptr, n);
+          for (int64_t i = 0; i < n; ++i) {
+            s_lr -= double(T(w[at + i])) * double(x.u[i]);
+            s_wd += double(y.g_d[i]) * double(T(p[at + i]));
+          }
+          if (cfg.has_buffers) {
+            for (int64_t i = 0; i < n; ++i) s_m += double(y.g_b[i]) * double(T(b[at + i]));
+          }
+          if (cfg.has_m && cfg.nesterov) {
+            for (int64_t i = 0; i < n; ++i) s_m += double(y.g_u[i]) * double(x.b[i]);
           }
         }
         if (sums) partial[ci] = {s_lr, s_wd, s_m};
