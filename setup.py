@@ -3,7 +3,11 @@
 The CPU extension ``kdops._C`` is compiled from the sources listed in csrc/sources.txt (the
 list CMakeLists.txt reads too) with torch.utils.cpp_extension and ninja. As in ATen, a source
 named ``*_avx2.cpp`` or ``*_avx512.cpp`` is compiled with that capability's flags, and the
-kernels pick a capability at run time. torch is needed at build time, so install with
+kernels pick a capability at run time. The CUDA kernels (csrc/cuda/*.cu) are compiled in too
+when the toolchain allows it: a CUDA build of torch and nvcc (CUDA_HOME); otherwise the build
+says why it skips them, and CUDA tensors run the portable implementation. Set
+TORCH_CUDA_ARCH_LIST to choose the GPU architectures (sm_70 or newer: the kernels pass their
+tensor lists in large kernel parameters). torch is needed at build time, so install with
 ``pip install --no-build-isolation .``; ``KDOPS_NO_EXTENSION=1`` installs the portable
 implementation only.
 """
@@ -32,12 +36,29 @@ def capability_flags(source: str) -> list:
     return []
 
 
+def cuda_sources() -> list:
+    """The CUDA sources, or [] (with the reason printed) where they cannot be built."""
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if torch.version.cuda is None:
+        print("kdops: torch is a CPU build: building without the CUDA kernels (csrc/cuda)",
+              file=sys.stderr)
+        return []
+    if CUDA_HOME is None:
+        print("kdops: WARNING: torch is a CUDA build but nvcc was not found (set CUDA_HOME): "
+              "building WITHOUT the CUDA kernels; CUDA tensors will run the portable "
+              "implementation", file=sys.stderr)
+        return []
+    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
+
+
 def extensions():
     if os.environ.get("KDOPS_NO_EXTENSION") == "1":
         print("kdops: KDOPS_NO_EXTENSION=1, installing without native kernels "
               "(every op runs the portable implementation)", file=sys.stderr)
         return [], {}
-    from torch.utils.cpp_extension import BuildExtension, CppExtension
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     class Build(BuildExtension):
         """Compiles capability sources with their flags, then the rest as usual."""
@@ -53,14 +74,16 @@ def extensions():
             super().build_extension(ext)
 
     sources = (ROOT / "csrc" / "sources.txt").read_text().split()
-    ext = CppExtension(
+    cuda = cuda_sources()
+    ext = (CUDAExtension if cuda else CppExtension)(
         "kdops._C",
-        sources + ["csrc/python_module.cpp"],
+        sources + cuda + ["csrc/python_module.cpp"],
         include_dirs=[str(ROOT / "csrc")],
         # OpenMP as torch's CPU builds use it: at::parallel_for is a header template that
         # runs serially in code compiled without it. No floating-point contraction: the pilot
         # step must round `lr * g` before subtracting it, as the per-tensor loop does.
-        extra_compile_args={"cxx": ["-O3", "-fopenmp", "-ffp-contract=off"]},
+        extra_compile_args={"cxx": ["-O3", "-fopenmp", "-ffp-contract=off"],
+                            "nvcc": ["-O3", "--fmad=false"]},
         extra_link_args=["-fopenmp"],
     )
     return [ext], {"build_ext": Build}

@@ -351,3 +351,62 @@ def test_bad_arguments_raise(call, error, match):
     params, grads = tensors([torch.float32] * 2, seed=1), tensors([torch.float32] * 2, seed=2)
     with pytest.raises(error, match=match):
         call(params, grads)
+
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not CUDA, reason="no CUDA device on this machine")
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize("dtypes", [[torch.float32] * 5, [torch.bfloat16] * 5, MIXED],
+                         ids=["fp32", "bf16", "mixed"])
+@pytest.mark.parametrize("lr_where", ["float", "cpu", "cuda"])
+def test_cuda_step_and_backward_match_cpu(config, dtypes, lr_where):
+    """The CUDA kernels compute the CPU kernels' values bit for bit (same roundings), with the
+    step sizes as numbers, CPU tensors or device tensors."""
+    params = tensors(dtypes, seed=1) + [torch.randn(70001), torch.randn(300, 401).bfloat16()]
+    grads = tensors(dtypes, seed=2) + [torch.randn(70001), torch.randn(300, 401).bfloat16()]
+    params[2] = params[2].transpose(0, 1)
+    grads[2] = grads[2].transpose(0, 1).contiguous()
+    cot = [torch.randn_like(p) for p in params]
+    kwargs = kwargs_for(config, params, tensor_scalars=lr_where != "float")
+    if kwargs["momentum_buffers"] is not None:
+        kwargs["momentum_buffers"] = [torch.randn_like(p) for p in params]
+
+    def run(device):
+        move = lambda xs: None if xs is None else [x.to(device).requires_grad_() for x in xs]
+        ps, gs, bs = move(params), move(grads), move(kwargs["momentum_buffers"])
+        scalar_device = device if lr_where == "cuda" else "cpu"
+        lr = 0.05 if lr_where == "float" else torch.tensor(0.05, device=scalar_device,
+                                                            requires_grad=True)
+        extra = {k: (v.detach().to(scalar_device).requires_grad_()
+                     if isinstance(v, torch.Tensor) else v)
+                 for k, v in kwargs.items() if k in ("weight_decay", "momentum")}
+        out = kdops.pilot_sgd_step(ps, gs, lr, **{**kwargs, **extra, "momentum_buffers": bs})
+        inputs = ps + gs + (bs or []) + [x for x in [lr, *extra.values()]
+                                         if isinstance(x, torch.Tensor)]
+        grads_in = torch.autograd.grad(out, inputs, [c.to(device) for c in cot],
+                                       allow_unused=True, materialize_grads=True)
+        return [x.detach().cpu() for x in (*out, *grads_in)]
+
+    for a, b in zip(run("cpu"), run("cuda")):
+        if a.dim() > 0:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(not CUDA, reason="no CUDA device on this machine")
+def test_cuda_step_is_one_kernel_launch_per_direction():
+    params = [p.cuda().requires_grad_() for p in tensors([torch.float32] * 200, seed=1)]
+    grads = [g.cuda().requires_grad_() for g in tensors([torch.float32] * 200, seed=2)]
+    cot = [torch.ones_like(p) for p in params]
+    kdops.pilot_sgd_step(params, grads, 0.1)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out = kdops.pilot_sgd_step(params, grads, 0.1)
+        torch.autograd.grad(out, params + grads, cot)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert sum("step_kernel" in k for k in kernels) == 1, kernels
+    assert sum("backward_kernel" in k for k in kernels) == 1, kernels

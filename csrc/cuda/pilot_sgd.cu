@@ -13,7 +13,7 @@
 // partial sums reduced in block order (deterministic).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -380,7 +380,7 @@ std::vector<Tensor> pilot_sgd_step(TensorList params, TensorList grads,
     in[1].push_back(conform(grads[i], outs[i]));
     if (cfg.has_buffers) in[2].push_back(conform((*buffers)[i], outs[i]));
   }
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   for (const auto& group : by_dtype(params)) {
     const std::vector<size_t>& positions = group.second;
     KDOPS_DISPATCH_PARAM_TYPES(group.first, [&] {
@@ -420,7 +420,7 @@ pilot_sgd_step_backward(TensorList grad_outputs, TensorList params, TensorList g
   }
   const bool sums = mask[3] || mask[4] || mask[5];
   std::vector<Tensor> partials;
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   for (const auto& group : by_dtype(params)) {
     const std::vector<size_t>& positions = group.second;
     KDOPS_DISPATCH_PARAM_TYPES(group.first, [&] {
