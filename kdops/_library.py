@@ -25,21 +25,33 @@ def define_portable(name: str, fn) -> None:
     _PORTABLE[name] = fn
 
 
-def wanted_grads(ctx, needs):
-    """`needs` (the needs_input_grad flags of the op's tensor inputs, in order, lists
-    flattened) narrowed to the inputs the running backward pass will use:
-    ``torch.autograd.grad(loss, student)`` drops the teacher's gradient, so it is not computed
-    (the engine tells which next nodes it will execute). Where the engine cannot say (a
+def wanted_groups(ctx, needs, sizes):
+    """Whether the running backward pass will use the gradient of any input of each group.
+
+    `needs` are the needs_input_grad flags of the op's tensor inputs in order (lists
+    flattened), cut into consecutive groups of `sizes`. ``torch.autograd.grad(loss, student)``
+    drops the teacher's gradient, so it is not computed: the engine tells which next nodes it
+    will execute (asked until one in the group says yes). Where the engine cannot say (a
     backward traced by torch.compile), every input that requires grad counts.
     """
-    if torch.compiler.is_compiling():
-        return list(needs)
-    try:
-        nodes = ctx.next_functions
-        return [m and nodes[i][0] is not None and torch._C._will_engine_execute_node(nodes[i][0])
-                for i, m in enumerate(needs)]
-    except (AttributeError, RuntimeError):
-        return list(needs)
+    spans, at = [], 0
+    for size in sizes:
+        spans.append(range(at, at + size))
+        at += size
+    if not torch.compiler.is_compiling():
+        try:
+            nodes = ctx.next_functions
+            will_run = torch._C._will_engine_execute_node
+            return [any(needs[i] and nodes[i][0] is not None and will_run(nodes[i][0])
+                        for i in span) for span in spans]
+        except (AttributeError, RuntimeError):
+            pass
+    return [any(needs[i] for i in span) for span in spans]
+
+
+def wanted_grads(ctx, needs):
+    """`needs` narrowed input by input (see `wanted_groups`)."""
+    return wanted_groups(ctx, needs, [1] * len(needs))
 
 
 _NATIVE = None

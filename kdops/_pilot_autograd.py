@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._library import wanted_grads
+from ._library import wanted_groups
 from ._pilot_ops import pilot_sgd_step, pilot_sgd_step_backward
 from ._pilot_portable import list_dot
 
@@ -37,19 +37,26 @@ def unpack(layout: Layout, tensors):
     return (list(tensors[:n]), list(tensors[n:2 * n]), buffers, *tensors[-3:])
 
 
-def _groups(layout: Layout, flags):
-    """Per-input flags grouped as (params, grads, buffers, lr, wd, m), lists reduced by any()."""
+def _wanted(ctx, layout, tensors):
+    """Per group (params, grads, buffers, lr, wd, m): whether the running backward uses it."""
     n = layout.n
-    b = 3 * n if layout.has_buffers else 2 * n
-    return [any(flags[:n]), any(flags[n:2 * n]), any(flags[2 * n:b]), *flags[b:]]
+    sizes = [n, n, n if layout.has_buffers else 0, 1, 1, 1]
+    present = [t is not None for t in tensors[-2:]]
+    needs = [need for need, t in zip(ctx.needs_input_grad[-len(tensors):], tensors)
+             if t is not None]
+    wanted = iter(wanted_groups(ctx, needs, sizes[:4] + [1 for p in present if p]))
+    return [next(wanted) for _ in range(4)] + [next(wanted) if p else False for p in present]
 
 
-def _wanted(ctx, tensors):
-    """needs_input_grad per tensor input (None inputs: False), narrowed by the engine."""
-    present = [t is not None for t in tensors]
-    needs = [need for need, p in zip(ctx.needs_input_grad[-len(tensors):], present) if p]
-    narrowed = iter(wanted_grads(ctx, needs))
-    return [next(narrowed) if p else False for p in present]
+def apply(function, *args):
+    """``function.apply(*args)`` without the Python-side argument processing of
+    torch.autograd.Function.apply (binding default arguments, unwrapping dead torch.func
+    wrappers: about a microsecond per tensor, so hundreds for a parameter list). Neither applies
+    to these Functions outside torch.func transforms and torch.compile, which take the full path.
+    """
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return function.apply(*args)
+    return super(torch.autograd.Function, function).apply(*args)
 
 
 class PilotStep(torch.autograd.Function):
@@ -69,15 +76,15 @@ class PilotStep(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grad_outputs):
         layout, tensors = ctx.layout, ctx.saved_tensors
-        wanted = _wanted(ctx, tensors)
-        want = _groups(layout, wanted)
+        want = _wanted(ctx, layout, tensors)
         weight_decay = tensors[-2]
         # Without weight decay ∂p'/∂p is the identity: the params' gradient is grad_outputs.
         mask = [want[0] and weight_decay is not None, *want[1:]]
         # torch.compile traces backward graphs first-order only: the op alone, without a node.
-        backward = (PilotStepBackward.forward if torch.compiler.is_compiling()
-                    else PilotStepBackward.apply)
-        flat = backward(layout, tuple(mask), *grad_outputs, *tensors)
+        if torch.compiler.is_compiling():
+            flat = PilotStepBackward.forward(layout, tuple(mask), *grad_outputs, *tensors)
+        else:
+            flat = apply(PilotStepBackward, layout, tuple(mask), *grad_outputs, *tensors)
         grads, at = [], 0
         for group, size in enumerate(_group_sizes(layout, tensors)):
             if group == 0 and not mask[0]:
@@ -87,7 +94,8 @@ class PilotStep(torch.autograd.Function):
                 at += size
             else:
                 grads.extend([None] * size)
-        return (None, *(g if w else None for g, w in zip(grads, wanted)))
+        needs = ctx.needs_input_grad[1:]
+        return (None, *(g if need else None for g, need in zip(grads, needs)))
 
     @staticmethod
     def vmap(info, in_dims, layout, *tensors):

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from ._pilot_autograd import Layout, PilotStep
+from ._pilot_autograd import Layout, PilotStep, apply
 
 
 def pilot_sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor | None], lr, *,
@@ -83,7 +83,7 @@ def pilot_sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor | None], lr,
     tensors = (*(params[i] for i in live), *(grads[i] for i in live), *bufs, lr_t, wd_t, m_t)
     try:
         if _needs_autograd(tensors):
-            stepped = PilotStep.apply(layout, *tensors)
+            stepped = apply(PilotStep, layout, *tensors)
         else:                               # no graph to record: skip the Function's overhead
             stepped = PilotStep.forward(layout, *tensors)
     except (RuntimeError, TypeError):
