@@ -92,4 +92,4 @@ def test_pilot_sgd(benchmark, lists, mode, impl):
             numel=sum(p.numel() for p in params), threads=torch.get_num_threads(),
             torch=torch.__version__)
         big = sum(p.numel() for p in params) > 1e7
-        benchmark.pedantic(run, args=args, rounds=5 if big else 100, warmup_rounds=1)
+        benchmark.pedantic(run, args=args, rounds=10 if big else 200, warmup_rounds=1)
