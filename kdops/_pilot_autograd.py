@@ -80,11 +80,13 @@ class PilotStep(torch.autograd.Function):
         weight_decay = tensors[-2]
         # Without weight decay ∂p'/∂p is the identity: the params' gradient is grad_outputs.
         mask = [want[0] and weight_decay is not None, *want[1:]]
-        # torch.compile traces backward graphs first-order only: the op alone, without a node.
-        if torch.compiler.is_compiling():
-            flat = PilotStepBackward.forward(layout, tuple(mask), *grad_outputs, *tensors)
+        # A node for the backward only when it is itself differentiated (create_graph); the
+        # op alone otherwise, and under torch.compile, which traces backward graphs first-order.
+        args = (layout, tuple(mask), *grad_outputs, *tensors)
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            flat = apply(PilotStepBackward, *args)
         else:
-            flat = apply(PilotStepBackward, layout, tuple(mask), *grad_outputs, *tensors)
+            flat = PilotStepBackward.forward(*args)
         grads, at = [], 0
         for group, size in enumerate(_group_sizes(layout, tensors)):
             if group == 0 and not mask[0]:
