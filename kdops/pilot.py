@@ -8,6 +8,7 @@ is another one, exact to any order.
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Sequence
@@ -77,10 +78,15 @@ def pilot_sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor | None], lr,
     lr_t = _scalar("lr", lr, device)
     wd_t = None if _is_zero(weight_decay) else _scalar("weight_decay", weight_decay, device)
     m_t = None if _is_zero(momentum) else _scalar("momentum", momentum, device)
+    if len(live) < len(params):
+        params_live, grads_live = [params[i] for i in live], [grads[i] for i in live]
+    else:
+        params_live, grads_live = params, grads
     bufs = [] if buffers is None or m_t is None else [buffers[i] for i in live]
     layout = Layout(len(live), bool(bufs), (float(dampening), bool(nesterov), bool(maximize)),
-                    tuple(isinstance(x, Tensor) for x in (lr, weight_decay, momentum)))
-    tensors = (*(params[i] for i in live), *(grads[i] for i in live), *bufs, lr_t, wd_t, m_t)
+                    (isinstance(lr, Tensor), isinstance(weight_decay, Tensor),
+                     isinstance(momentum, Tensor)))
+    tensors = (*params_live, *grads_live, *bufs, lr_t, wd_t, m_t)
     try:
         if _needs_autograd(tensors):
             stepped = apply(PilotStep, layout, *tensors)
@@ -149,7 +155,16 @@ def _scalar(name: str, x, device) -> Tensor:
                         f"got {type(x).__name__}")
     if not math.isfinite(x) or x < 0:
         raise ValueError(f"pilot_sgd_step: {name} must be finite and ≥ 0, got {x}")
-    return torch.tensor(float(x), dtype=torch.float64)
+    if torch.compiler.is_compiling():
+        return torch.tensor(float(x), dtype=torch.float64)
+    return _number_tensor(float(x))
+
+
+@functools.lru_cache(maxsize=64)
+def _number_tensor(x: float) -> Tensor:
+    """A step size given as a number, as the float64 CPU tensor the ops take; cached, since
+    the same few learning rates come back every step (the ops never write it)."""
+    return torch.tensor(x, dtype=torch.float64)
 
 
 def _check_lists(params, grads, buffers, live) -> None:

@@ -31,6 +31,9 @@ using at::Tensor;
 using at::TensorList;
 
 constexpr int64_t kChunk = 1 << 15;
+// Below this many elements a list runs on the calling thread: waking the thread pool costs
+// more than it saves (a ResNet-20 list, 0.28M elements, took as long on 1 thread as on 2).
+constexpr int64_t kParallelElements = 1 << 20;
 
 // The step's configuration; scalars at full precision (the forward may round them, `Scalars`).
 struct Config {
@@ -123,6 +126,15 @@ struct Chunk {
   int64_t begin, end;
 };
 
+// at::parallel_for over the chunks, on the calling thread alone for small lists.
+template <typename F>
+void for_chunks(const std::vector<Chunk>& chunks, const F& f) {
+  int64_t total = 0;
+  for (const Chunk& ch : chunks) total += ch.end - ch.begin;
+  const auto n = static_cast<int64_t>(chunks.size());
+  at::parallel_for(0, n, total < kParallelElements ? n : 1, f);
+}
+
 std::vector<Chunk> chunks_of(const std::vector<Tensor>& outs) {
   std::vector<Chunk> chunks;
   for (size_t i = 0; i < outs.size(); ++i) {
@@ -190,7 +202,7 @@ std::vector<Tensor> pilot_sgd_step(TensorList params, TensorList grads,
   Lists lists(params, grads, buffers, nullptr);
   std::vector<Tensor>& outs = lists.like;
   const std::vector<Chunk> chunks = chunks_of(outs);
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
+  for_chunks(chunks, [&](int64_t first, int64_t last) {
     for (int64_t ci = first; ci < last; ++ci) {
       const Chunk& ch = chunks[ci];
       KDOPS_DISPATCH_PARAM_TYPES(outs[ch.tensor].scalar_type(), [&] {
@@ -264,7 +276,7 @@ pilot_sgd_step_backward(TensorList grad_outputs, TensorList params, TensorList g
   const bool sums = mask[3] || mask[4] || mask[5];
   const std::vector<Chunk> chunks = chunks_of(lists.params);
   std::vector<std::array<double, 3>> partial(sums ? chunks.size() : 0, {0.0, 0.0, 0.0});
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
+  for_chunks(chunks, [&](int64_t first, int64_t last) {
     for (int64_t ci = first; ci < last; ++ci) {
       const Chunk& ch = chunks[ci];
       KDOPS_DISPATCH_PARAM_TYPES(lists.params[ch.tensor].scalar_type(), [&] {
