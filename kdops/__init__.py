@@ -3,8 +3,11 @@ from . import _loss_ops, _pilot_ops
 from ._library import backend_info, load_native
 from .loss import KDLoss, fused_kd_loss
 from .pilot import pilot_sgd_step, pilot_update
+from .temperature import LearnableTemperature
+from . import meta
 
 load_native()
 
-__all__ = ["fused_kd_loss", "KDLoss", "pilot_sgd_step", "pilot_update", "backend_info"]
+__all__ = ["fused_kd_loss", "KDLoss", "pilot_sgd_step", "pilot_update", "LearnableTemperature",
+           "meta", "backend_info"]
 __version__ = "0.1.0"

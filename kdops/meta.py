@@ -1,4 +1,4 @@
-"""Meta-learned distillation: the teacher's meta-gradient through a pilot step, and MetaDistil.
+"""Meta-learned distillation: meta-gradients through a pilot step, MetaDistil and MKD steps.
 
 MetaDistil (Zhou et al., 2022) trains the teacher to teach: a *pilot* copy of the student takes
 one SGD step on the distillation loss L_p(θ, w) = α·c·D(s(θ), t(w)) + (1 − α)·CE(s(θ), y), the
@@ -19,6 +19,10 @@ meta-parameters) in one of three ways:
 ``"finite_difference"``: z ≈ (s(θ + εu) − s(θ − εu)) / 2ε with ε = `fd_eps`/‖u‖ (DistPro's
     trick), for students without forward-mode AD; exact to O(ε²).
 
+`metadistil_step` learns the teacher this way; `mkd_step` learns the temperature
+(`kdops.LearnableTemperature`: log-space or CTKD's 1 + 20·sigmoid, one value or one per
+sample) with the teacher fixed (MKD, Liu et al., 2022).
+
 Only one pilot step is supported: with several pilot batches the meta-gradient involves the
 student's Hessian between steps, which neither "jvp" nor "finite_difference" computes.
 
@@ -38,6 +42,7 @@ from torch.func import functional_call, jvp
 
 from .loss import fused_kd_loss
 from .pilot import pilot_sgd_step
+from .temperature import LearnableTemperature
 
 MODES = ("jvp", "autograd", "finite_difference")
 
@@ -239,3 +244,46 @@ def metadistil_step(student: nn.Module, teacher: nn.Module,
     loss.backward()
     student_optimizer.step()
     return dict(loss=loss.detach(), pilot_loss=out["pilot_loss"], quiz_loss=out["quiz_loss"])
+
+
+def mkd_step(student: nn.Module, teacher: nn.Module, temperature: LearnableTemperature,
+             student_optimizer: torch.optim.Optimizer,
+             temperature_optimizer: torch.optim.Optimizer, inputs, labels: Tensor,
+             quiz_inputs, quiz_labels: Tensor, *, mode: str = "jvp", pilot_lr=None,
+             quiz_loss: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+             fd_eps: float = 1e-3, **kd_kwargs) -> dict:
+    """One MKD step: the temperature is the meta-parameter, the teacher is fixed.
+
+    1. τ = temperature(teacher logits); pilot step of the student on the KD loss at τ, quiz.
+    2. The temperature's parameters get ∇ L_q(θ'(τ)) (`meta_gradient`, `mode`: the τ terms of
+       the same second-order kernel) and `temperature_optimizer` steps.
+    3. The student steps on the KD loss at the updated τ, reusing the pilot's forward.
+
+    The scale of the KD term is τ² (the `fused_kd_loss` default, differentiated). Returns a dict
+    of detached values: "loss", "pilot_loss", "quiz_loss", "temperature" (the τ used).
+    """
+    theta = [p for p in student.parameters() if p.requires_grad]
+    step = sgd_settings(student_optimizer, theta)
+    lr = step.pop("lr") if pilot_lr is None else pilot_lr
+    if step.pop("maximize", False):
+        raise NotImplementedError("kdops.meta: a maximizing student optimizer")
+    with torch.no_grad():
+        teacher_logits = teacher(inputs)
+    tau = temperature(teacher_logits)
+    meta_params = [p for p in temperature.parameters() if p.requires_grad]
+    out = meta_gradient(student, teacher_logits, inputs, labels, quiz_inputs, quiz_labels,
+                        meta_params, lr=lr, mode=mode, quiz_loss=quiz_loss, fd_eps=fd_eps,
+                        temperature=tau, **step, **kd_kwargs)
+    temperature_optimizer.zero_grad(set_to_none=True)
+    for p, g in zip(meta_params, out["meta_grads"]):
+        p.grad = g
+    temperature_optimizer.step()
+    with torch.no_grad():
+        tau = temperature(teacher_logits)
+    loss = fused_kd_loss(out["student_logits"], teacher_logits, labels=labels, temperature=tau,
+                         **kd_kwargs)
+    student_optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    student_optimizer.step()
+    return dict(loss=loss.detach(), pilot_loss=out["pilot_loss"], quiz_loss=out["quiz_loss"],
+                temperature=tau.detach())

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+import kdops
 from kdops import meta, reference
 
 CLASSES = 5
@@ -132,6 +133,66 @@ def test_metadistil_step_modes_agree_and_update_each_network_once():
     assert not torch.equal(t_j["0.weight"], before[1]["0.weight"])
     assert not torch.equal(s_j["0.weight"], before[0]["0.weight"])
     assert s_j["1.num_batches_tracked"] == 2 and t_j["1.num_batches_tracked"] == 2
+
+
+@pytest.mark.parametrize("parametrization", ["log", "ctkd"])
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("mode", ["jvp", "autograd"])
+def test_temperature_meta_gradient_matches_plain_create_graph(parametrization, per_sample, mode):
+    x, y, xq, yq = batches("cnn", seed=2)
+    grads = []
+    for impl in ("plain", mode):
+        student, teacher = nets("cnn")
+        temperature = kdops.LearnableTemperature(3.0, parametrization=parametrization,
+                                                 per_sample=per_sample,
+                                                 num_classes=CLASSES).double()
+        if per_sample:                                        # a head that is not constant
+            torch.manual_seed(3)
+            nn.init.normal_(temperature.head.weight, std=0.3)
+        params = list(temperature.parameters())
+        with torch.no_grad():
+            t = teacher(x)
+        tau = temperature(t)
+        assert tau.shape == ((12,) if per_sample else ())
+        kd = dict(temperature=tau, alpha=0.6, divergence="jsd", beta=0.3)
+        if impl == "plain":
+            named = [(n, p) for n, p in student.named_parameters()]
+            pilot = reference.kd_loss(student(x), t, labels=y, **kd)
+            g = torch.autograd.grad(pilot, [p for _, p in named], create_graph=True)
+            fast = reference.sgd_step([p for _, p in named], g, 0.2, momentum=0.5)
+            with meta.frozen_batch_norm_stats(student):
+                quiz = F.cross_entropy(functional_call(student, {n: f for (n, _), f in
+                                                                 zip(named, fast)}, (xq,)), yq)
+            grads.append(torch.autograd.grad(quiz, params))
+        else:
+            grads.append(meta.meta_gradient(student, t, x, y, xq, yq, params, lr=0.2,
+                                            momentum=0.5, mode=mode, **kd)["meta_grads"])
+    for got, want in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-13)
+        assert want.abs().max() > 1e-9
+
+
+def test_mkd_step_moves_the_temperature_and_the_student():
+    x, y, xq, yq = batches("mlp", seed=4)
+    student, teacher = nets("mlp")
+    temperature = kdops.LearnableTemperature(4.0).double()
+    s_opt = torch.optim.SGD(student.parameters(), lr=0.2)
+    tau_opt = torch.optim.Adam(temperature.parameters(), lr=0.05)
+    before = [p.detach().clone() for p in student.parameters()]
+    out = meta.mkd_step(student, teacher, temperature, s_opt, tau_opt, x, y, xq, yq, alpha=0.5)
+    assert out["temperature"] != 4.0 and out["temperature"] > 0
+    assert all(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+
+
+def test_temperature_arguments_are_checked():
+    with pytest.raises(ValueError, match="parametrization"):
+        kdops.LearnableTemperature(2.0, parametrization="linear")
+    with pytest.raises(ValueError, match="ctkd"):
+        kdops.LearnableTemperature(0.5, parametrization="ctkd")
+    with pytest.raises(ValueError, match="num_classes"):
+        kdops.LearnableTemperature(2.0, per_sample=True)
+    tau = kdops.LearnableTemperature(7.0, parametrization="ctkd")(torch.randn(3, 4))
+    torch.testing.assert_close(tau, torch.tensor(7.0))
 
 
 def test_bad_mode_raises():
