@@ -1,5 +1,5 @@
 """kdops: fused, exact-to-second-order knowledge-distillation kernels for PyTorch."""
-from . import _loss_ops, _pilot_ops
+from . import _loss_ops, _pilot_ops  # noqa: F401  (define the ops before the kernels load)
 from ._library import backend_info, load_native
 from .loss import KDLoss, fused_kd_loss
 from .pilot import pilot_sgd_step, pilot_update

@@ -12,7 +12,6 @@ probability stays NaN). Directions a, b must already be zero where the matching 
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor

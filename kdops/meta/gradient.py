@@ -1,0 +1,124 @@
+"""The meta-gradient through one pilot step, in the three modes of `kdops.meta`."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, jvp
+
+from ..loss import fused_kd_loss
+from ..pilot import pilot_sgd_step
+from .train_mode import PhaseTimer, _ReplayRng, _untimed, frozen_batch_norm_stats
+
+MODES = ("jvp", "autograd", "finite_difference")
+
+
+def _step_factor(momentum, dampening, nesterov, momentum_buffers) -> float | Tensor:
+    """K: the pilot step's factor on the gradient, θ' = θ − lr·(K·g + terms free of w)."""
+    if isinstance(momentum, (int, float)) and momentum == 0:
+        return 1.0
+    if momentum_buffers is None:
+        return 1 + momentum if nesterov else 1.0
+    c = 1 - dampening
+    return 1 + momentum * c if nesterov else c
+
+
+def meta_gradient(student: nn.Module, teacher_logits: Tensor, inputs, labels: Tensor,
+                  quiz_inputs, quiz_labels: Tensor, meta_params: Sequence[Tensor], *, lr,
+                  mode: str = "jvp", weight_decay=0.0, momentum=0.0, momentum_buffers=None,
+                  dampening: float = 0.0, nesterov: bool = False,
+                  quiz_loss: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+                  fd_eps: float = 1e-3, timer: PhaseTimer | None = None,
+                  **kd_kwargs) -> dict:
+    """∇ L_q(θ') with respect to `meta_params`, θ' one SGD step of `student` on the KD loss.
+
+    Args:
+        student: any nn.Module; its trainable parameters are θ. Run in the mode it is in.
+        teacher_logits: t(w), the teacher's logits on `inputs`, with its autograd graph to
+            the meta-parameters (the teacher's parameters, say).
+        inputs, labels: the pilot batch (labels for the CE term of the KD loss; `alpha`
+            in `kd_kwargs` weights it, as in `fused_kd_loss`).
+        quiz_inputs, quiz_labels: the quiz batch, scored by `quiz_loss(logits, labels)`.
+        meta_params: tensors to differentiate: teacher parameters and learnable
+            temperatures (passed in `kd_kwargs` as `temperature`/`teacher_temperature`).
+        lr, weight_decay, momentum, momentum_buffers, dampening, nesterov: the pilot step,
+            as `kdops.pilot_sgd_step` (momentum_buffers: the student optimizer's, or None).
+        mode: "jvp", "autograd" or "finite_difference" (module docstring).
+        timer: a `PhaseTimer` to accumulate the time of each phase in, or None.
+        kd_kwargs: `fused_kd_loss` arguments (temperature, alpha, divergence, ...).
+
+    Returns a dict: "meta_grads" (one tensor or None per meta-param), "student_logits" (s(θ)
+    on `inputs`, with its graph, for a real step that reuses the forward), "pilot_loss",
+    "quiz_loss".
+    """
+    if mode not in MODES:
+        raise ValueError(f"meta_gradient: mode must be one of {MODES}, got {mode!r}")
+    named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("meta_gradient: the student has no trainable parameters")
+    names, theta = [n for n, _ in named], [p for _, p in named]
+    meta_params = list(meta_params)
+    step = dict(weight_decay=weight_decay, momentum=momentum, momentum_buffers=momentum_buffers,
+                dampening=dampening, nesterov=nesterov)
+    phase = timer or _untimed
+    rng = _ReplayRng()
+    if mode == "autograd":
+        with phase("pilot"):
+            s = student(inputs)
+            pilot = fused_kd_loss(s, teacher_logits, labels=labels, **kd_kwargs)
+            grads = torch.autograd.grad(pilot, theta, create_graph=True, retain_graph=True)
+            fast = pilot_sgd_step(theta, grads, lr, **step)
+        with phase("quiz"):
+            quiz = _quiz(student, dict(zip(names, fast)), quiz_inputs, quiz_labels, quiz_loss)
+        with phase("meta_gradient"):
+            meta = torch.autograd.grad(quiz, meta_params, allow_unused=True)
+        return dict(meta_grads=list(meta), student_logits=s, pilot_loss=pilot.detach(),
+                    quiz_loss=quiz.detach())
+    # Graph-free modes: the loss is differentiated on the logits only.
+    with phase("pilot"):
+        s = student(inputs)
+        s_leaf = s.detach().requires_grad_()
+        pilot = fused_kd_loss(s_leaf, teacher_logits, labels=labels, **kd_kwargs)
+        (g_s,) = torch.autograd.grad(pilot, s_leaf, create_graph=True)
+        grads = torch.autograd.grad(s, theta, g_s.detach(), retain_graph=True)
+        with torch.no_grad():
+            fast = pilot_sgd_step([p.detach() for p in theta], grads, lr, **step)
+        fast = [p.requires_grad_() for p in fast]
+    with phase("quiz"):
+        quiz = _quiz(student, dict(zip(names, fast)), quiz_inputs, quiz_labels, quiz_loss)
+        u = torch.autograd.grad(quiz, fast)
+    with phase("meta_gradient"):
+        z = _student_jvp(student, names, theta, u, inputs, rng, mode, fd_eps)
+        factor = _step_factor(momentum, dampening, nesterov, momentum_buffers)
+        meta = torch.autograd.grad(g_s, meta_params, grad_outputs=-(lr * factor) * z,
+                                   allow_unused=True)
+    return dict(meta_grads=list(meta), student_logits=s, pilot_loss=pilot.detach(),
+                quiz_loss=quiz.detach())
+
+
+def _quiz(student, fast, quiz_inputs, quiz_labels, quiz_loss):
+    """The quiz loss of the pilot student (running statistics untouched)."""
+    with frozen_batch_norm_stats(student):
+        return quiz_loss(functional_call(student, fast, (quiz_inputs,)), quiz_labels)
+
+
+def _student_jvp(student, names, theta, u, inputs, rng, mode, fd_eps):
+    """z = J_s(θ)·u: the student's logits on `inputs` differentiated along u, forward-mode or
+    by central differences, with the pilot forward's dropout masks and batch statistics."""
+    primals = tuple(p.detach() for p in theta)
+
+    def logits(*params):
+        with rng.replay():
+            return functional_call(student, dict(zip(names, params)), (inputs,))
+
+    with frozen_batch_norm_stats(student):
+        if mode == "jvp":
+            return jvp(logits, primals, tuple(u))[1]
+        with torch.no_grad():
+            norm = torch.sqrt(sum((d.double() ** 2).sum() for d in u))
+            eps = fd_eps / norm.clamp_min(1e-30)           # a tensor: no host sync
+            plus = logits(*(p + (eps * d).to(p.dtype) for p, d in zip(primals, u)))
+            minus = logits(*(p - (eps * d).to(p.dtype) for p, d in zip(primals, u)))
+            return (plus - minus) / (2 * eps).to(plus.dtype)

@@ -1,0 +1,68 @@
+"""What makes repeated forwards of a training-mode network agree: BatchNorm statistics held,
+dropout masks replayed; and the per-phase timer of the meta steps."""
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+from torch import nn
+
+
+@contextlib.contextmanager
+def frozen_batch_norm_stats(module: nn.Module):
+    """Train-mode BatchNorm layers of `module` use batch statistics and leave their running
+    statistics alone inside this block (torch.func transforms refuse the in-place update)."""
+    saved = []
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats:
+            saved.append((m, m.running_mean, m.running_var, m.num_batches_tracked))
+            m.running_mean = m.running_var = m.num_batches_tracked = None
+    try:
+        yield
+    finally:
+        for m, mean, var, count in saved:
+            m.running_mean, m.running_var, m.num_batches_tracked = mean, var, count
+
+
+class _ReplayRng:
+    """Captures the RNG state now; `replay()` restores it inside a block (same dropout masks)."""
+
+    def __init__(self):
+        self.cpu = torch.random.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+    @contextlib.contextmanager
+    def replay(self):
+        devices = list(range(len(self.cuda))) if self.cuda is not None else []
+        with torch.random.fork_rng(devices=devices):
+            torch.random.set_rng_state(self.cpu)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state_all(self.cuda)
+            yield
+
+
+class PhaseTimer:
+    """Wall time per phase of meta steps ("pilot", "quiz", "meta_gradient", "teacher_update",
+    "real_step"), accumulated in `seconds`; CUDA is synchronized around each phase. Pass one
+    as `timer=` to `meta_gradient`, `metadistil_step` or `mkd_step` (benchmarks do)."""
+
+    def __init__(self):
+        self.seconds = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        _synchronize()
+        start = time.perf_counter()
+        yield
+        _synchronize()
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def _synchronize():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def _untimed(name: str):
+    return contextlib.nullcontext()
