@@ -22,14 +22,17 @@ tensor (Linux: peak RSS, reset before the run).
 """
 import contextlib
 import os
-import re
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import kdops
 from kdops import _library, reference
+
+sys.path.insert(0, str(Path(__file__).parent))
+from measure import peak_extra  # noqa: E402
 
 TEMPERATURE = 2.0
 
@@ -90,22 +93,6 @@ MODES = {"forward": _forward, "forward_backward": _forward_backward,
 CASES = [(m, i) for m in MODES for i in IMPLS if not (m == "second_order" and i == "compile")]
 
 
-def _peak_extra(run, args, unit_bytes):
-    """Peak memory of one run beyond what was live before it, in units of `unit_bytes`."""
-    if not sys.platform.startswith("linux"):
-        return None
-
-    def rss(key):
-        text = open("/proc/self/status").read()
-        return int(re.search(key + r":\s+(\d+) kB", text).group(1)) * 1024
-
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = rss("VmRSS")
-    run(*args)
-    return round((rss("VmHWM") - base) / unit_bytes, 2)
-
-
 @pytest.mark.parametrize("mode,impl", CASES, ids=[f"{m}-{i}" for m, i in CASES])
 def test_kd_loss(benchmark, inputs, mode, impl):
     s, t, cot = inputs
@@ -122,5 +109,5 @@ def test_kd_loss(benchmark, inputs, mode, impl):
         benchmark.extra_info.update(
             mode=mode, impl=impl, shape=list(s.shape), dtype=str(dtype).removeprefix("torch."),
             threads=torch.get_num_threads(), torch=torch.__version__,
-            peak_extra_nv_fp32=_peak_extra(run, args, s.numel() * 4))
+            peak_extra_nv_fp32=peak_extra(run, args, s.numel() * 4))
         benchmark.pedantic(run, args=args, rounds=5 if s.numel() > 1e6 else 50, warmup_rounds=1)

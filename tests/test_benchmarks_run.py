@@ -29,3 +29,13 @@ def test_pilot_sgd_benchmarks_run():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     cases_per_list = 8 if kdops.backend_info()["pilot_sgd_step"]["cpu"] == "native" else 6
     assert f"{2 * cases_per_list} passed" in proc.stdout
+
+
+def test_meta_step_benchmarks_run():
+    env = dict(os.environ, KDOPS_BENCH_META="digits_mlp")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
+         str(ROOT / "benchmarks" / "bench_meta_step.py")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "3 passed" in proc.stdout

@@ -1,0 +1,139 @@
+"""A full MetaDistil step: kdops (jvp, autograd) vs the plain create_graph code (pytest-benchmark).
+
+    python -m pytest benchmarks/bench_meta_step.py                  # cifar and digits_mlp
+    KDOPS_BENCH_META=digits_mlp python -m pytest benchmarks/bench_meta_step.py
+
+Cases: "cifar", a CIFAR ResNet-56 teacher and ResNet-20 student (He et al.; batch 64 of random
+32×32 inputs, 100 classes, train mode with BatchNorm), and "digits_mlp", the MLPs of
+`python -m kdops.demo` on the digits data. One step = pilot update on a train batch, the
+teacher's meta-update from a quiz batch, the student's real step with the updated teacher
+(SGD, lr 0.1, τ = 4, α = 0.5). Implementations:
+  kdops_jvp       kdops.meta.metadistil_step(mode="jvp"): graph-free meta-gradient
+  kdops_autograd  kdops.meta.metadistil_step(mode="autograd"): create_graph through kdops' ops
+  plain           what MetaDistil-style code does: RepDistiller's DistillKL (F.kl_div) + CE,
+                  create_graph, `p - lr * g` per tensor, and a second student forward for the
+                  real step
+Each case records in extra_info the mean seconds of each phase of a step over the timed rounds
+(pilot, quiz, meta_gradient, teacher_update, real_step; the timer synchronizes CUDA) and one
+step's peak memory beyond its inputs (MiB, peak RSS on Linux).
+"""
+import copy
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from kdops import meta
+
+sys.path.insert(0, str(Path(__file__).parent))
+from measure import peak_extra  # noqa: E402
+from param_lists import resnet_cifar  # noqa: E402
+
+LR, TEMPERATURE, ALPHA = 0.1, 4.0, 0.5
+
+
+def _cases():
+    return os.environ.get("KDOPS_BENCH_META", "cifar,digits_mlp").split(",")
+
+
+def _setup(case):
+    """(student, teacher, (x, y, x_quiz, y_quiz)) for a case, freshly initialized."""
+    g = torch.Generator().manual_seed(0)
+    if case == "cifar":
+        student, teacher = resnet_cifar(20, 100, seed=1), resnet_cifar(56, 100, seed=2)
+        x, xq = torch.randn(64, 3, 32, 32, generator=g), torch.randn(64, 3, 32, 32, generator=g)
+        y, yq = torch.randint(0, 100, (64,), generator=g), torch.randint(0, 100, (64,), generator=g)
+        return student, teacher, (x, y, xq, yq)
+    if case == "digits_mlp":
+        from kdops import demo
+
+        (x, y), (xq, yq), _ = demo.load_digits(torch.device("cpu"))
+        return (demo.mlp([64, 24, 10], seed=2), demo.mlp([64, 256, 256, 10], seed=1),
+                (x[:64], y[:64], xq[:64], yq[:64]))
+    raise ValueError(f"unknown case {case!r}")
+
+
+def distill_kl(s, t, temperature):
+    """RepDistiller's DistillKL."""
+    p_s = F.log_softmax(s / temperature, dim=1)
+    p_t = F.softmax(t / temperature, dim=1)
+    return F.kl_div(p_s, p_t, reduction="sum") * temperature ** 2 / s.shape[0]
+
+
+def plain_step(student, teacher, s_opt, t_opt, x, y, xq, yq, timer):
+    with timer("pilot"):
+        t = teacher(x)
+        s = student(x)
+        loss = ALPHA * distill_kl(s, t, TEMPERATURE) + (1 - ALPHA) * F.cross_entropy(s, y)
+        named = list(student.named_parameters())
+        grads = torch.autograd.grad(loss, [p for _, p in named], create_graph=True)
+        fast = {n: p - LR * g for (n, p), g in zip(named, grads)}
+    with timer("quiz"), meta.frozen_batch_norm_stats(student):
+        quiz = F.cross_entropy(functional_call(student, fast, (xq,)), yq)
+    with timer("meta_gradient"):
+        t_grads = torch.autograd.grad(quiz, list(teacher.parameters()))
+    with timer("teacher_update"):
+        for p, g in zip(teacher.parameters(), t_grads):
+            p.grad = g
+        t_opt.step()
+    with timer("real_step"):
+        with torch.no_grad(), meta.frozen_batch_norm_stats(teacher):
+            t = teacher(x)
+        s = student(x)
+        loss = ALPHA * distill_kl(s, t, TEMPERATURE) + (1 - ALPHA) * F.cross_entropy(s, y)
+        s_opt.zero_grad()
+        loss.backward()
+        s_opt.step()
+
+
+def kdops_step(mode):
+    def step(student, teacher, s_opt, t_opt, x, y, xq, yq, timer):
+        meta.metadistil_step(student, teacher, s_opt, t_opt, x, y, xq, yq, mode=mode,
+                             temperature=TEMPERATURE, alpha=ALPHA, timer=timer)
+    return step
+
+
+IMPLS = {"kdops_jvp": kdops_step("jvp"), "kdops_autograd": kdops_step("autograd"),
+         "plain": plain_step}
+
+
+@pytest.fixture(scope="module", params=_cases())
+def case(request):
+    return request.param, *_setup(request.param)
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_metadistil_step(benchmark, case, impl):
+    name, student, teacher, batch = case
+    student, teacher = copy.deepcopy(student), copy.deepcopy(teacher)
+    s_opt = torch.optim.SGD(student.parameters(), lr=LR)
+    t_opt = torch.optim.SGD(teacher.parameters(), lr=0.01)
+    step = IMPLS[impl]
+    args = (student, teacher, s_opt, t_opt, *batch)
+    reference = copy.deepcopy((student, teacher))
+    step(*args, meta.PhaseTimer())                         # warm-up
+    _check_against_plain(reference, batch, student, teacher)
+    peak = peak_extra(step, (*args, meta.PhaseTimer()), 2 ** 20)
+    timer = meta.PhaseTimer()
+    rounds = 3 if name == "cifar" else 30
+    benchmark.group = f"metadistil step {name}"
+    benchmark.pedantic(step, args=(*args, timer), rounds=rounds, warmup_rounds=0)
+    benchmark.extra_info.update(
+        impl=impl, case=name, threads=torch.get_num_threads(), torch=torch.__version__,
+        peak_extra_mib=peak,
+        phase_seconds={k: round(v / rounds, 5) for k, v in timer.seconds.items()})
+
+
+def _check_against_plain(reference, batch, student, teacher):
+    """One step from the same state gives the plain code's parameters (to float32 rounding;
+    the running statistics differ: the plain code runs the student forward twice)."""
+    ref_student, ref_teacher = copy.deepcopy(reference)
+    plain_step(ref_student, ref_teacher, torch.optim.SGD(ref_student.parameters(), lr=LR),
+               torch.optim.SGD(ref_teacher.parameters(), lr=0.01), *batch, meta.PhaseTimer())
+    for ref, got in ((ref_student, student), (ref_teacher, teacher)):
+        for (name, a), b in zip(ref.named_parameters(), got.parameters()):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
