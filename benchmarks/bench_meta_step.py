@@ -119,7 +119,7 @@ def test_metadistil_step(benchmark, case, impl):
     _check_against_plain(reference, batch, student, teacher)
     peak = peak_extra(step, (*args, meta.PhaseTimer()), 2 ** 20)
     timer = meta.PhaseTimer()
-    rounds = 3 if name == "cifar" else 30
+    rounds = 5 if name == "cifar" else 30
     benchmark.group = f"metadistil step {name}"
     benchmark.pedantic(step, args=(*args, timer), rounds=rounds, warmup_rounds=0)
     benchmark.extra_info.update(
