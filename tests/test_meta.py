@@ -123,7 +123,7 @@ def test_metadistil_step_modes_agree_and_update_each_network_once():
         before = copy.deepcopy((student.state_dict(), teacher.state_dict()))
         for _ in range(2):                                     # the second uses the buffers
             out = meta.metadistil_step(student, teacher, s_opt, t_opt, x, y, xq, yq, mode=mode,
-                                       temperature=3.0, alpha=0.5)
+                                       temperature=3.0, alpha=0.5, pilot_lr=0.15)
         assert set(out) == {"loss", "pilot_loss", "quiz_loss"}
         states.append((student.state_dict(), teacher.state_dict()))
     (s_a, t_a), (s_j, t_j) = states
@@ -179,7 +179,8 @@ def test_mkd_step_moves_the_temperature_and_the_student():
     s_opt = torch.optim.SGD(student.parameters(), lr=0.2)
     tau_opt = torch.optim.Adam(temperature.parameters(), lr=0.05)
     before = [p.detach().clone() for p in student.parameters()]
-    out = meta.mkd_step(student, teacher, temperature, s_opt, tau_opt, x, y, xq, yq, alpha=0.5)
+    out = meta.mkd_step(student, teacher, temperature, s_opt, tau_opt, x, y, xq, yq, alpha=0.5,
+                        pilot_lr=0.05)
     assert out["temperature"] != 4.0 and out["temperature"] > 0
     assert all(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
 

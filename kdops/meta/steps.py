@@ -34,6 +34,15 @@ def sgd_settings(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> 
     return {"lr": groups[0]["lr"]}
 
 
+def _pilot_settings(student, optimizer, pilot_lr):
+    """(lr, the other pilot_sgd_step arguments) of the pilot that mirrors the student's step."""
+    step = sgd_settings(optimizer, [p for p in student.parameters() if p.requires_grad])
+    lr = step.pop("lr")
+    if step.pop("maximize", False):
+        raise NotImplementedError("kdops.meta: a maximizing student optimizer")
+    return (lr if pilot_lr is None else pilot_lr), step
+
+
 def metadistil_step(student: nn.Module, teacher: nn.Module,
                     student_optimizer: torch.optim.Optimizer,
                     teacher_optimizer: torch.optim.Optimizer, inputs, labels: Tensor,
@@ -58,12 +67,7 @@ def metadistil_step(student: nn.Module, teacher: nn.Module,
 
     Returns a dict of detached scalars: "loss" (the real step's), "pilot_loss", "quiz_loss".
     """
-    theta = [p for p in student.parameters() if p.requires_grad]
-    step = sgd_settings(student_optimizer, theta)
-    lr = step.pop("lr") if pilot_lr is None else pilot_lr
-    step.pop("lr", None)
-    if step.pop("maximize", False):
-        raise NotImplementedError("kdops.meta: a maximizing student optimizer")
+    lr, step = _pilot_settings(student, student_optimizer, pilot_lr)
     phase = timer or _untimed
     teacher_params = [p for p in teacher.parameters() if p.requires_grad]
     with phase("pilot"):
@@ -102,11 +106,7 @@ def mkd_step(student: nn.Module, teacher: nn.Module, temperature: LearnableTempe
     The scale of the KD term is τ² (the `fused_kd_loss` default, differentiated). Returns a dict
     of detached values: "loss", "pilot_loss", "quiz_loss", "temperature" (the τ used).
     """
-    theta = [p for p in student.parameters() if p.requires_grad]
-    step = sgd_settings(student_optimizer, theta)
-    lr = step.pop("lr") if pilot_lr is None else pilot_lr
-    if step.pop("maximize", False):
-        raise NotImplementedError("kdops.meta: a maximizing student optimizer")
+    lr, step = _pilot_settings(student, student_optimizer, pilot_lr)
     with torch.no_grad():
         teacher_logits = teacher(inputs)
     tau = temperature(teacher_logits)
