@@ -2,6 +2,7 @@
 
     python -m pytest benchmarks/bench_meta_step.py                  # cifar and digits_mlp
     KDOPS_BENCH_META=digits_mlp python -m pytest benchmarks/bench_meta_step.py
+    KDOPS_BENCH_DEVICE=cuda python -m pytest benchmarks/bench_meta_step.py
 
 Cases: "cifar", a CIFAR ResNet-56 teacher and ResNet-20 student (He et al.; batch 64 of random
 32×32 inputs, 100 classes, train mode with BatchNorm), and "digits_mlp", the MLPs of
@@ -15,7 +16,8 @@ teacher's meta-update from a quiz batch, the student's real step with the update
                   real step
 Each case records in extra_info the mean seconds of each phase of a step over the timed rounds
 (pilot, quiz, meta_gradient, teacher_update, real_step; the timer synchronizes CUDA) and one
-step's peak memory beyond its inputs (MiB, peak RSS on Linux).
+step's peak memory beyond its inputs (MiB: the CUDA allocator's peak on a GPU, peak RSS on a
+Linux CPU).
 """
 import copy
 import os
@@ -34,6 +36,7 @@ from measure import peak_extra  # noqa: E402
 from param_lists import resnet_cifar  # noqa: E402
 
 LR, TEMPERATURE, ALPHA = 0.1, 4.0, 0.5
+DEVICE = torch.device(os.environ.get("KDOPS_BENCH_DEVICE", "cpu"))
 
 
 def _cases():
@@ -103,7 +106,9 @@ IMPLS = {"kdops_jvp": kdops_step("jvp"), "kdops_autograd": kdops_step("autograd"
 
 @pytest.fixture(scope="module", params=_cases())
 def case(request):
-    return request.param, *_setup(request.param)
+    student, teacher, batch = _setup(request.param)
+    return (request.param, student.to(DEVICE), teacher.to(DEVICE),
+            tuple(x.to(DEVICE) for x in batch))
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
@@ -117,15 +122,24 @@ def test_metadistil_step(benchmark, case, impl):
     reference = copy.deepcopy((student, teacher))
     step(*args, meta.PhaseTimer())                         # warm-up
     _check_against_plain(reference, batch, student, teacher)
-    peak = peak_extra(step, (*args, meta.PhaseTimer()), 2 ** 20)
+    peak = peak_extra(step, (*args, meta.PhaseTimer()), 2 ** 20, DEVICE)
     timer = meta.PhaseTimer()
     rounds = 5 if name == "cifar" else 30
     benchmark.group = f"metadistil step {name}"
-    benchmark.pedantic(step, args=(*args, timer), rounds=rounds, warmup_rounds=0)
+    benchmark.pedantic(_synchronized(step), args=(*args, timer), rounds=rounds, warmup_rounds=0)
     benchmark.extra_info.update(
         impl=impl, case=name, threads=torch.get_num_threads(), torch=torch.__version__,
+        device=torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu",
         peak_extra_mib=peak,
         phase_seconds={k: round(v / rounds, 5) for k, v in timer.seconds.items()})
+
+
+def _synchronized(step):
+    def run(*args):
+        step(*args)
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize(DEVICE)
+    return run
 
 
 def _check_against_plain(reference, batch, student, teacher):

@@ -2,6 +2,7 @@
 
     python -m pytest benchmarks/bench_pilot_sgd.py                  # resnet20 and bert_base
     KDOPS_BENCH_LISTS=resnet20 python -m pytest benchmarks/bench_pilot_sgd.py
+    KDOPS_BENCH_DEVICE=cuda python -m pytest benchmarks/bench_pilot_sgd.py
 
 Parameter lists (benchmarks/param_lists.py): a CIFAR ResNet-20 (0.28M parameters in 65
 tensors) and a BERT-base-shaped list (110M in 199 tensors), fp32, plain SGD with lr = 0.1, as
@@ -13,11 +14,16 @@ Implementations: kdops (native kernels where built), kdops_portable (the portabl
 torch._foreach implementation, only when the native kernels are there), loop (the per-tensor
 `p - lr * g` of MetaDistil, higher and learn2learn: `reference.sgd_step`), foreach
 (`torch._foreach_sub(params, torch._foreach_mul(grads, lr))`, differentiable since torch 2.1).
-Each case first checks its result against the loop, bit for bit.
+Each case first checks its result against the loop, bit for bit, and records in extra_info the
+achieved bandwidth: the bytes that must move (forward: params and grads read, new params
+written; forward+backward adds the cotangents read and the grads' gradient written; the
+params' gradient is the cotangent itself) over the median time, and its fraction of a
+large device-to-device copy measured in the same run (bytes read plus written).
 """
 import contextlib
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from param_lists import param_list  # noqa: E402
 
 LR = 0.1
+DEVICE = torch.device(os.environ.get("KDOPS_BENCH_DEVICE", "cpu"))
 
 
 def _lists():
@@ -50,35 +57,61 @@ def _foreach(params, grads):
 
 NATIVE = kdops.backend_info()["pilot_sgd_step"]["cpu"] == "native"
 IMPLS = {"kdops": _kdops, "loop": _loop, "foreach": _foreach}
-if NATIVE:
+if NATIVE and DEVICE.type == "cpu":
     IMPLS["kdops_portable"] = _kdops
+
+
+def _synchronize():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
+@pytest.fixture(scope="module")
+def copy_bandwidth():
+    """Bytes per second of a 256 MiB device-to-device copy (read plus written), median of 10."""
+    src = torch.randn(2 ** 26, device=DEVICE)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(11):
+        _synchronize()
+        start = time.perf_counter()
+        dst.copy_(src)
+        _synchronize()
+        times.append(time.perf_counter() - start)
+    return 2 * src.nbytes / sorted(times[1:])[5]
 
 
 @pytest.fixture(scope="module", params=_lists())
 def lists(request):
     params, grads = param_list(request.param)
+    params, grads = [p.to(DEVICE) for p in params], [g.to(DEVICE) for g in grads]
     cot = [torch.randn_like(p) for p in params]
     return request.param, params, grads, cot
 
 
 def _forward(fn, params, grads, cot):
     with torch.no_grad():
-        return fn(params, grads)
+        out = fn(params, grads)
+    _synchronize()
+    return out
 
 
 def _forward_backward(fn, params, grads, cot):
     params = [p.detach().requires_grad_() for p in params]
     grads = [g.detach().requires_grad_() for g in grads]
     out = fn(params, grads)
-    return [o.detach() for o in out] + list(torch.autograd.grad(out, params + grads, cot))
+    result = [o.detach() for o in out] + list(torch.autograd.grad(out, params + grads, cot))
+    _synchronize()
+    return result
 
 
 MODES = {"forward": _forward, "forward_backward": _forward_backward}
+TENSORS_MOVED = {"forward": 3, "forward_backward": 5}   # per element, see the docstring
 CASES = [(m, i) for m in MODES for i in IMPLS]
 
 
 @pytest.mark.parametrize("mode,impl", CASES, ids=[f"{m}-{i}" for m, i in CASES])
-def test_pilot_sgd(benchmark, lists, mode, impl):
+def test_pilot_sgd(benchmark, lists, copy_bandwidth, mode, impl):
     name, params, grads, cot = lists
     run = MODES[mode]
     args = (IMPLS[impl], params, grads, cot)
@@ -87,9 +120,15 @@ def test_pilot_sgd(benchmark, lists, mode, impl):
         for got, want in zip(run(*args), run(_loop, params, grads, cot)):
             assert torch.equal(got, want)
         benchmark.group = f"{mode} {name}"
-        benchmark.extra_info.update(
-            mode=mode, impl=impl, params=name, tensors=len(params),
-            numel=sum(p.numel() for p in params), threads=torch.get_num_threads(),
-            torch=torch.__version__)
-        big = sum(p.numel() for p in params) > 1e7
+        numel = sum(p.numel() for p in params)
+        big = numel > 1e7
         benchmark.pedantic(run, args=args, rounds=10 if big else 200, warmup_rounds=1)
+    moved = TENSORS_MOVED[mode] * sum(p.nbytes for p in params)
+    achieved = moved / benchmark.stats.stats.median if benchmark.stats else None
+    benchmark.extra_info.update(
+        mode=mode, impl=impl, params=name, tensors=len(params), numel=numel,
+        device=torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu",
+        threads=torch.get_num_threads(), torch=torch.__version__, bytes_moved=moved,
+        copy_gb_per_s=round(copy_bandwidth / 1e9, 2),
+        gb_per_s=round(achieved / 1e9, 2) if achieved else None,
+        fraction_of_copy=round(achieved / copy_bandwidth, 3) if achieved else None)

@@ -2,10 +2,20 @@
 import re
 import sys
 
+import torch
 
-def peak_extra(run, args, unit_bytes):
-    """Peak memory of ``run(*args)`` beyond what was live before it, in units of `unit_bytes`
-    (Linux: peak RSS, its high-water mark reset first; None elsewhere)."""
+
+def peak_extra(run, args, unit_bytes, device=torch.device("cpu")):
+    """Peak memory of ``run(*args)`` beyond what was live before it, in units of `unit_bytes`:
+    on a CUDA device the caching allocator's peak; on the CPU peak RSS, its high-water mark
+    reset first (Linux; None elsewhere)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        run(*args)
+        torch.cuda.synchronize(device)
+        return round((torch.cuda.max_memory_allocated(device) - base) / unit_bytes, 2)
     if not sys.platform.startswith("linux"):
         return None
 
