@@ -37,10 +37,15 @@ def unpack(layout: Layout, tensors):
     return (list(tensors[:n]), list(tensors[n:2 * n]), buffers, *tensors[-3:])
 
 
+def _group_sizes(layout):
+    """Tensors per input group (params, grads, buffers, lr, weight decay, momentum)."""
+    n = layout.n
+    return [n, n, n if layout.has_buffers else 0, 1, 1, 1]
+
+
 def _wanted(ctx, layout, tensors):
     """Per group (params, grads, buffers, lr, wd, m): whether the running backward uses it."""
-    n = layout.n
-    sizes = [n, n, n if layout.has_buffers else 0, 1, 1, 1]
+    sizes = _group_sizes(layout)
     present = [t is not None for t in tensors[-2:]]
     needs = [need for need, t in zip(ctx.needs_input_grad[-len(tensors):], tensors)
              if t is not None]
@@ -88,7 +93,7 @@ class PilotStep(torch.autograd.Function):
         else:
             flat = PilotStepBackward.forward(*args)
         grads, at = [], 0
-        for group, size in enumerate(_group_sizes(layout, tensors)):
+        for group, size in enumerate(_group_sizes(layout)):
             if group == 0 and not mask[0]:
                 grads.extend(grad_outputs if want[0] else [None] * size)
             elif mask[group]:
@@ -108,11 +113,6 @@ class PilotStep(torch.autograd.Function):
         lists = [_batch_first(t, d, info.batch_size) for t, d in zip(tensors[:-3], dims[:-3])]
         out = PilotStep.apply(layout, *lists, *tensors[-3:])
         return out, (0,) * len(out)
-
-
-def _group_sizes(layout, tensors):
-    n = layout.n
-    return [n, n, n if layout.has_buffers else 0, 1, 1, 1]
 
 
 class PilotStepBackward(torch.autograd.Function):
