@@ -7,7 +7,7 @@ in PyTorch ops and so is differentiable again, to any order. Both define `setup_
 functional_call work through them.
 
 With d = s·g + wd·p (s = −1 when maximizing), the step is p' = p − lr·(K·d + L·buf): linear in
-(p, g, buf), with coefficients K(m), L(m) that depend on the momentum only (`_coefficients`).
+(p, g, buf), with coefficients K(m), L(m) that depend on the momentum only (`step_coefficients`).
 
 Tensors travel flat: ``[*params, *grads, *buffers, lr, weight_decay, momentum]`` (buffers only
 when given; weight_decay and momentum may be None), described by a `Layout`.
@@ -168,7 +168,7 @@ def _batch_first(x, dim, size):
     return x.movedim(dim, 0) if dim is not None else x.expand(size, *x.shape)
 
 
-def _coefficients(m, dampening, nesterov, has_buffers):
+def step_coefficients(m, dampening, nesterov, has_buffers):
     """(K, L, ∂K/∂m, ∂L/∂m, ∂²L/∂m²) of u = K·d + L·buf for momentum m (None: off)."""
     if m is None or not (nesterov or has_buffers):
         return 1, 0, 0, 0, 0
@@ -226,7 +226,7 @@ def _second_order(layout, w, params, grads, buffers, lr, wd, m, cp, cg, cb, clr,
     """
     dampening, nesterov, maximize = layout.config
     s = -1 if maximize else 1
-    k, l, k_m, l_m, l_mm = _coefficients(m, dampening, nesterov, buffers is not None)
+    k, l, k_m, l_m, l_mm = step_coefficients(m, dampening, nesterov, buffers is not None)
     d = _combine([(s, grads), (wd, params)], params)
     u = _combine([(k, d), (_coef(l), buffers)], params)
     u_m = _combine([(_coef(k_m), d), (_coef(l_m), buffers)], params)

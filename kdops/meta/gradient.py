@@ -8,21 +8,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
+from .._pilot_autograd import step_coefficients
 from ..loss import fused_kd_loss
 from ..pilot import pilot_sgd_step
 from .train_mode import PhaseTimer, _ReplayRng, _untimed, frozen_batch_norm_stats
 
 MODES = ("jvp", "autograd", "finite_difference")
-
-
-def _step_factor(momentum, dampening, nesterov, momentum_buffers) -> float | Tensor:
-    """K: the pilot step's factor on the gradient, θ' = θ − lr·(K·g + terms free of w)."""
-    if isinstance(momentum, (int, float)) and momentum == 0:
-        return 1.0
-    if momentum_buffers is None:
-        return 1 + momentum if nesterov else 1.0
-    c = 1 - dampening
-    return 1 + momentum * c if nesterov else c
 
 
 def meta_gradient(student: nn.Module, teacher_logits: Tensor, inputs, labels: Tensor,
@@ -91,7 +82,9 @@ def meta_gradient(student: nn.Module, teacher_logits: Tensor, inputs, labels: Te
         u = torch.autograd.grad(quiz, fast)
     with phase("meta_gradient"):
         z = _student_jvp(student, names, theta, u, inputs, rng, mode, fd_eps)
-        factor = _step_factor(momentum, dampening, nesterov, momentum_buffers)
+        # θ' = θ − lr·(K·g + terms free of the meta-parameters): K, the step's factor on g.
+        m = None if isinstance(momentum, (int, float)) and momentum == 0 else momentum
+        factor = step_coefficients(m, dampening, nesterov, momentum_buffers is not None)[0]
         meta = torch.autograd.grad(g_s, meta_params, grad_outputs=-(lr * factor) * z,
                                    allow_unused=True)
     return dict(meta_grads=list(meta), student_logits=s, pilot_loss=pilot.detach(),
