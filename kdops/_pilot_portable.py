@@ -28,6 +28,9 @@ def conform(xs: list, refs: list) -> list:
     every operand, and the output, walk memory in the same order."""
     out = []
     for x, ref in zip(xs, refs):
+        if x.is_contiguous() and ref.is_contiguous():            # the common case: no copy
+            out.append(x)
+            continue
         like = torch.empty_like(ref)
         out.append(x if x.stride() == like.stride() else like.copy_(x))
     return out
