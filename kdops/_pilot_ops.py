@@ -16,8 +16,9 @@ likewise, or None when off (torch.optim.SGD skips a zero weight decay or momentu
 matters for non-finite values and for dampening). `tensor_scalars` says which of (lr,
 weight_decay, momentum) the user gave as tensors: the forward rounds those to each param's
 dtype before use, as ``lr * g`` does with a 0-dim tensor ``lr``, and uses numbers at the compute
-precision, as ``g * 0.01`` does (float32 for float32/bf16/fp16 params, float64 for float64). Every tensor of a list position shares the
-param's shape, dtype and device; positions may differ in dtype.
+precision, as ``g * 0.01`` does (float32 for float32/bf16/fp16 params, float64 for float64).
+Every tensor of a list position shares the param's shape, dtype and device; positions may
+differ in dtype.
 """
 from __future__ import annotations
 

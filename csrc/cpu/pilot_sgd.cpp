@@ -293,7 +293,8 @@ pilot_sgd_step_backward(TensorList grad_outputs, TensorList params, TensorList g
           const BackwardStages<scalar_t> y(cfg, k, w + at, n);
           if (gp && cfg.has_wd) {
             for (int64_t i = 0; i < n; ++i) {
-              gp[at + i] = static_cast<scalar_t>(T(w[at + i]) + round_to<scalar_t>(y.g_d[i] * k.wd));
+              const T decay = round_to<scalar_t>(y.g_d[i] * k.wd);
+              gp[at + i] = static_cast<scalar_t>(T(w[at + i]) + decay);
             }
           } else if (gp) {
             std::copy(w + at, w + at + n, gp + at);
