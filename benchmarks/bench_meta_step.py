@@ -32,11 +32,10 @@ from torch.func import functional_call
 from kdops import meta
 
 sys.path.insert(0, str(Path(__file__).parent))
-from measure import peak_extra  # noqa: E402
+from measure import DEVICE, DEVICE_NAME, peak_extra, synchronize  # noqa: E402
 from param_lists import resnet_cifar  # noqa: E402
 
 LR, TEMPERATURE, ALPHA = 0.1, 4.0, 0.5
-DEVICE = torch.device(os.environ.get("KDOPS_BENCH_DEVICE", "cpu"))
 
 
 def _cases():
@@ -129,7 +128,7 @@ def test_metadistil_step(benchmark, case, impl):
     benchmark.pedantic(_synchronized(step), args=(*args, timer), rounds=rounds, warmup_rounds=0)
     benchmark.extra_info.update(
         impl=impl, case=name, threads=torch.get_num_threads(), torch=torch.__version__,
-        device=torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu",
+        device=DEVICE_NAME,
         peak_extra_mib=peak,
         phase_seconds={k: round(v / rounds, 5) for k, v in timer.seconds.items()})
 
@@ -137,8 +136,7 @@ def test_metadistil_step(benchmark, case, impl):
 def _synchronized(step):
     def run(*args):
         step(*args)
-        if DEVICE.type == "cuda":
-            torch.cuda.synchronize(DEVICE)
+        synchronize()
     return run
 
 

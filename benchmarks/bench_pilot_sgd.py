@@ -33,10 +33,10 @@ import kdops
 from kdops import _library, reference
 
 sys.path.insert(0, str(Path(__file__).parent))
+from measure import DEVICE, DEVICE_NAME, synchronize  # noqa: E402
 from param_lists import param_list  # noqa: E402
 
 LR = 0.1
-DEVICE = torch.device(os.environ.get("KDOPS_BENCH_DEVICE", "cpu"))
 
 
 def _lists():
@@ -61,11 +61,6 @@ if NATIVE and DEVICE.type == "cpu":
     IMPLS["kdops_portable"] = _kdops
 
 
-def _synchronize():
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize(DEVICE)
-
-
 @pytest.fixture(scope="module")
 def copy_bandwidth():
     """Bytes per second of a 256 MiB device-to-device copy (read plus written), median of 10."""
@@ -73,10 +68,10 @@ def copy_bandwidth():
     dst = torch.empty_like(src)
     times = []
     for _ in range(11):
-        _synchronize()
+        synchronize()
         start = time.perf_counter()
         dst.copy_(src)
-        _synchronize()
+        synchronize()
         times.append(time.perf_counter() - start)
     return 2 * src.nbytes / sorted(times[1:])[5]
 
@@ -92,7 +87,7 @@ def lists(request):
 def _forward(fn, params, grads, cot):
     with torch.no_grad():
         out = fn(params, grads)
-    _synchronize()
+    synchronize()
     return out
 
 
@@ -101,7 +96,7 @@ def _forward_backward(fn, params, grads, cot):
     grads = [g.detach().requires_grad_() for g in grads]
     out = fn(params, grads)
     result = [o.detach() for o in out] + list(torch.autograd.grad(out, params + grads, cot))
-    _synchronize()
+    synchronize()
     return result
 
 
@@ -127,7 +122,7 @@ def test_pilot_sgd(benchmark, lists, copy_bandwidth, mode, impl):
     achieved = moved / benchmark.stats.stats.median if benchmark.stats else None
     benchmark.extra_info.update(
         mode=mode, impl=impl, params=name, tensors=len(params), numel=numel,
-        device=torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu",
+        device=DEVICE_NAME,
         threads=torch.get_num_threads(), torch=torch.__version__, bytes_moved=moved,
         copy_gb_per_s=round(copy_bandwidth / 1e9, 2),
         gb_per_s=round(achieved / 1e9, 2) if achieved else None,

@@ -1,8 +1,19 @@
-"""Memory measurement shared by the benchmark suites."""
+"""What the benchmark suites share: the device they run on, and memory measurement."""
+import os
 import re
 import sys
 
 import torch
+
+# KDOPS_BENCH_DEVICE=cuda runs the pilot-step and meta-step suites on a GPU.
+DEVICE = torch.device(os.environ.get("KDOPS_BENCH_DEVICE", "cpu"))
+DEVICE_NAME = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu"
+
+
+def synchronize():
+    """Waits for DEVICE's queued work (a no-op on the CPU), so host clocks time it."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def peak_extra(run, args, unit_bytes, device=torch.device("cpu")):

@@ -1,4 +1,4 @@
-"""The benchmark suite runs (tiny shapes, timing disabled) and its correctness checks pass."""
+"""The benchmark suites run (tiny cases, timing disabled) and their correctness checks pass."""
 import os
 import subprocess
 import sys
@@ -9,33 +9,28 @@ import kdops
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_kd_loss_benchmarks_run():
-    env = dict(os.environ, KDOPS_BENCH_SHAPES="16x33,3x7")
+def run_suite(name, **env):
+    """pytest's output for benchmarks/`name` with timing disabled; fails the test if it fails."""
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
-         str(ROOT / "benchmarks" / "bench_kd_loss.py")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+         str(ROOT / "benchmarks" / name)],
+        cwd=ROOT, env=dict(os.environ, **env), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_kd_loss_benchmarks_run():
+    out = run_suite("bench_kd_loss.py", KDOPS_BENCH_SHAPES="16x33,3x7")
     cases_per_shape = 14 if kdops.backend_info()["kd_forward"]["cpu"] == "native" else 11
-    assert f"{2 * cases_per_shape} passed" in proc.stdout
+    assert f"{2 * cases_per_shape} passed" in out
 
 
 def test_pilot_sgd_benchmarks_run():
-    env = dict(os.environ, KDOPS_BENCH_LISTS="tiny,resnet20")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
-         str(ROOT / "benchmarks" / "bench_pilot_sgd.py")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = run_suite("bench_pilot_sgd.py", KDOPS_BENCH_LISTS="tiny,resnet20")
     cases_per_list = 8 if kdops.backend_info()["pilot_sgd_step"]["cpu"] == "native" else 6
-    assert f"{2 * cases_per_list} passed" in proc.stdout
+    assert f"{2 * cases_per_list} passed" in out
 
 
 def test_meta_step_benchmarks_run():
-    env = dict(os.environ, KDOPS_BENCH_META="digits_mlp")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
-         str(ROOT / "benchmarks" / "bench_meta_step.py")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "3 passed" in proc.stdout
+    out = run_suite("bench_meta_step.py", KDOPS_BENCH_META="digits_mlp")
+    assert "3 passed" in out
