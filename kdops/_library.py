@@ -17,6 +17,9 @@ import torch
 LIB = torch.library.Library("kdops", "DEF")
 
 _PORTABLE = {}
+# Kernels registered from Python for a dispatch key, by name of their implementation:
+# {(op, "CUDA"): "triton"}. Any other kernel for a key comes from the compiled extension.
+_PYTHON_KERNELS = {}
 
 
 def define_portable(name: str, fn) -> None:
@@ -78,36 +81,63 @@ def load_native():
     _NATIVE = _C
 
 
-@contextlib.contextmanager
-def portable_on_cpu():
-    """Run every kdops op on CPU with its portable implementation inside this block.
+def load_triton():
+    """Register the Triton loss kernels as the CUDA implementation, when Triton is installed.
 
-    Registers the portable functions as CPU kernels over the native ones and removes them on
-    exit, so tests and benchmarks can compare both implementations in one process.
-    """
+    Without Triton the loss ops run their portable implementation on CUDA, and
+    `backend_info` says so."""
+    from . import _triton
+    if not _triton.available():
+        return
+    for name in _triton.OPS:
+        LIB.impl(name, _triton.implementation(name), "CUDA")
+        _PYTHON_KERNELS[(name, "CUDA")] = "triton"
+
+
+@contextlib.contextmanager
+def _kernels_for(key: str, kernels: dict):
+    """Register `kernels` ({op name: function}) for a dispatch key inside this block, over
+    whatever serves that key, and remove them on exit."""
     lib = torch.library.Library("kdops", "IMPL")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Oo]verrid.*")
-        for name, fn in _PORTABLE.items():
-            lib.impl(name, fn, "CPU")
+        for name, fn in kernels.items():
+            lib.impl(name, fn, key)
     try:
         yield
     finally:
         lib._destroy()
 
 
+def portable_on_cpu():
+    """Run every kdops op on CPU with its portable implementation inside this block, so tests
+    and benchmarks can compare it with the native kernels in one process."""
+    return _kernels_for("CPU", _PORTABLE)
+
+
+def triton_on_cpu():
+    """Run the loss ops on CPU through their Triton kernels inside this block.
+
+    Only meaningful under Triton's interpreter (TRITON_INTERPRET=1 set before the first
+    kernel call): that is how the Triton kernels are tested on machines without a GPU."""
+    from . import _triton
+    return _kernels_for("CPU", {name: _triton.implementation(name) for name in _triton.OPS})
+
+
 def backend_info() -> dict:
     """Which implementation serves each kdops op, per device type.
 
-    Returns ``{"kd_forward": {"cpu": "native", "cuda": "portable"}, ...,
-    "cpu_capability": "AVX2"}``: ``"native"`` where a kernel is registered for that device's
-    dispatch key, ``"portable"`` where the PyTorch implementation runs, and the SIMD
+    Returns ``{"kd_forward": {"cpu": "native", "cuda": "triton"}, ...,
+    "cpu_capability": "AVX2"}``: ``"native"`` where a compiled kernel (kdops._C) serves that
+    device's dispatch key, ``"triton"`` where a Triton kernel does, ``"portable"`` where the
+    PyTorch implementation runs, and the SIMD
     capability the native CPU loss kernels were dispatched to (None without them; set
     ``ATEN_CPU_CAPABILITY`` before importing torch to choose a lower one, as for ATen).
     """
     has = torch._C._dispatch_has_kernel_for_dispatch_key
     info = {
-        op: {dev: "native" if has(f"kdops::{op}", key) else "portable"
+        op: {dev: _PYTHON_KERNELS.get((op, key), "native") if has(f"kdops::{op}", key)
+             else "portable"
              for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
         for op in _PORTABLE
     }

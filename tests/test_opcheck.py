@@ -7,6 +7,7 @@ from cases import DIVERGENCE_IDS, DIVERGENCES, labels_for, logits, positive
 
 
 pytestmark = pytest.mark.usefixtures("backend")
+BACKENDS = ("native", "portable", "triton")
 
 N, V = 5, 9
 

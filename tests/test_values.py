@@ -15,6 +15,7 @@ from cases import DIVERGENCE_IDS, DIVERGENCES, labels_for, logits, mask_vocab, p
 from kdops import reference
 
 pytestmark = pytest.mark.usefixtures("backend")
+BACKENDS = ("native", "portable", "triton")
 
 FLOOR = 32 * torch.finfo(torch.float32).eps
 

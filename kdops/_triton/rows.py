@@ -1,0 +1,127 @@
+"""Triton helpers shared by the loss kernels: tiles of rows, per-row state, row statistics.
+
+Every kernel works on a tile of ROWS rows × BLOCK_V columns and loops over the vocabulary in
+blocks of BLOCK_V, so one program covers several short rows (V = 100) or one long row in
+pieces (V = 128256). Per-row state is a [ROWS] vector; offsets are 64-bit.
+Math is in the compute dtype (float32, or float64 for float64 inputs), the dtype of the
+temperatures; logits of any floating dtype are converted on load.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def log1p(x):
+    """log(1 + x) to a few ulps from tl.log: the rounding error of u = 1 + x cancels in
+    log(u)·x/(u − 1) (Kahan). libdevice has log1p, but the interpreter has no libdevice."""
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
+
+
+@triton.jit
+def expm1(x):
+    """exp(x) − 1 to a few ulps from tl.exp: (u − 1)·x/log(u) with u = exp(x) (Kahan)."""
+    u = tl.exp(x)
+    um1 = u - 1.0
+    return tl.where(u == 1.0, x, tl.where(um1 == -1.0, -1.0, um1 * (x / tl.log(u))))
+
+
+@triton.jit
+def row_tile(n, ROWS: tl.constexpr):
+    """(row indices [ROWS] as int64, which of them exist) of this program's tile."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    return rows, rows < n
+
+
+@triton.jit
+def load_rows(ptr, stride, rows, row_ok):
+    """One value per row of an [N]-shaped vector with any stride (0 for a broadcast scalar)."""
+    return tl.load(ptr + rows * stride, mask=row_ok, other=1.0)
+
+
+@triton.jit
+def row_validity(labels_ptr, rows, row_ok, ignore_index, HAS_LABELS: tl.constexpr):
+    """(valid rows, label index safe to read at) — every existing row is valid without labels."""
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
+        valid = row_ok & (label != ignore_index)
+        return valid, tl.where(valid, label, 0)
+    return row_ok, tl.zeros_like(rows)
+
+
+@triton.jit
+def load_z(ptr, stride, rows, cols, mask, tau):
+    """A [ROWS, BLOCK_V] block of logits / τ in the compute dtype; −inf outside the row."""
+    x = tl.load(ptr + rows[:, None] * stride + cols[None, :], mask=mask, other=float("-inf"))
+    return x.to(tau.dtype) / tau[:, None]
+
+
+@triton.jit
+def online_lse(m, s, z):
+    """Running (max, Σ exp(z − max)) of each row after one more block z.
+
+    A row whose entries so far are all −inf keeps max −inf and sum 0 (shifted by 0, not −inf,
+    so no inf − inf)."""
+    m_new = tl.maximum(m, tl.max(z, 1))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift[:, None]), 1)
+
+
+@triton.jit
+def log_probs(z, m, logsum, LOWEST: tl.constexpr):
+    """(log p clamped at the dtype's lowest finite value, p, shifted z with −inf as 0).
+
+    p = exp((z − max) − log Σ exp(z − max)) as in kdops._loss_portable: exact where the
+    logits are large, and an entry at −inf gets p = 0 and finite log-differences."""
+    shifted = z - m[:, None]
+    logp = shifted - logsum[:, None]
+    logp = tl.where(logp == float("-inf"), LOWEST, logp)
+    return logp, tl.exp(logp), tl.where(shifted == float("-inf"), 0.0, shifted)
+
+
+@triton.jit
+def jsd_logs(ls, lt, beta):
+    """(e_s, e_t) = (log ps − log m, log pt − log m), m = β pt + (1 − β) ps, from
+    d = log pt − log ps: log m − log ps = log1p(β expm1(d)) for d ≤ 0 and
+    d + log1p((1 − β) expm1(−d)) for d > 0, free of overflow and cancellation."""
+    d = lt - ls
+    below = d <= 0
+    e_s_below = -log1p(beta * expm1(tl.where(below, d, 0.0)))
+    e_t_above = -log1p((1.0 - beta) * expm1(tl.where(below, 0.0, -d)))
+    return tl.where(below, e_s_below, e_t_above - d), tl.where(below, e_s_below + d, e_t_above)
+
+
+@triton.jit
+def load_stats(stats_ptr, n, rows, row_ok):
+    """The six [N] rows of the saved statistics (see kdops._loss_ops) for this tile."""
+    ms = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
+    mt = tl.load(stats_ptr + n + rows, mask=row_ok, other=0.0)
+    ls = tl.load(stats_ptr + 2 * n + rows, mask=row_ok, other=0.0)
+    lt = tl.load(stats_ptr + 3 * n + rows, mask=row_ok, other=0.0)
+    m1 = tl.load(stats_ptr + 4 * n + rows, mask=row_ok, other=0.0)
+    l1 = tl.load(stats_ptr + 5 * n + rows, mask=row_ok, other=0.0)
+    return ms, mt, ls, lt, m1, l1
+
+
+@triton.jit
+def hard_probs(s_ptr, s_stride, rows, cols, mask, m1, l1):
+    """softmax(s) at T = 1 for a block, from the saved max and log Σ exp (cross-entropy)."""
+    s = tl.load(s_ptr + rows[:, None] * s_stride + cols[None, :], mask=mask, other=float("-inf"))
+    return tl.exp((s.to(m1.dtype) - m1[:, None]) - l1[:, None])
+
+
+@triton.jit
+def store_rounded(ptr, x, mask):
+    """Store x in ptr's dtype, rounding to nearest even also for bfloat16.
+
+    GPUs round when they convert to bfloat16; Triton's interpreter truncates. Rounding the
+    bits here (add 0x7FFF plus the lowest kept bit, then drop the low half) gives the
+    same result on both, so the interpreted tests check what a GPU computes."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        f = x.to(tl.float32)
+        bits = f.to(tl.uint32, bitcast=True)
+        bits += 0x7FFF + ((bits >> 16) & 1)
+        y = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        tl.store(ptr, tl.where(f != f, f.to(tl.bfloat16), y), mask=mask)
+    else:
+        tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)

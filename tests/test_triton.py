@@ -1,0 +1,173 @@
+"""The Triton loss kernels (kdops/_triton): op by op against the portable implementation, and
+float64 gradcheck/gradgradcheck of fused_kd_loss through them.
+
+Without a GPU they run on CPU tensors through Triton's interpreter (conftest sets
+TRITON_INTERPRET=1), on small shapes; a small tile makes V = 37 span several vocabulary
+blocks, so the streaming passes are exercised too. test_values.py and test_opcheck.py also
+run their whole suites through these kernels (their ``triton`` backend). With a CUDA device
+the same comparisons run on the GPU, plus full-size checks against a float64 reference.
+"""
+import contextlib
+
+import pytest
+import torch
+from torch.autograd import gradcheck, gradgradcheck
+
+import kdops
+from cases import DIVERGENCE_IDS, DIVERGENCES, labels_for, logits, mask_vocab, positive
+from conftest import INTERPRETED
+from kdops import _library, _loss_portable, _triton
+
+pytestmark = pytest.mark.skipif(not _triton.available(), reason="Triton is not installed")
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+needs_kernels = pytest.mark.skipif(
+    not (CUDA or INTERPRETED), reason="Triton kernels need a CUDA device or TRITON_INTERPRET=1")
+
+
+@pytest.fixture
+def launch():
+    from kdops._triton import launch
+    return launch
+
+
+@pytest.fixture(params=["one_block", "blocks_of_16"])
+def tile(request, launch, monkeypatch):
+    """Default tiles, or tiles of 16 elements: several vocabulary blocks per row."""
+    if request.param == "blocks_of_16":
+        monkeypatch.setattr(launch, "TILE_ELEMENTS", dict.fromkeys(launch.TILE_ELEMENTS, 16))
+    return request.param
+
+
+def _op_inputs(n, v, dtype, label_mode, masked):
+    """Arguments of the three ops (float64 or float32 compute), -inf columns if `masked`."""
+    s, t = logits(n, v, dtype=dtype, seed=11), logits(n, v, dtype=dtype, seed=12)
+    if masked:
+        s, t = mask_vocab(s, [1, v - 2]), mask_vocab(t, [1, v - 2])
+    cdt = torch.promote_types(dtype, torch.float32)
+    taus = positive(n, seed=13, dtype=cdt), positive(n, seed=14, dtype=cdt)
+    labels, alpha = labels_for((n,), v, label_mode)
+    if labels is not None and masked:
+        labels[labels == 1] = 0  # a label on a masked column has an infinite cross-entropy
+    args = [x.to(DEVICE) for x in (s, t, *taus)]
+    return args, None if labels is None else labels.to(DEVICE), alpha is not None
+
+
+def _all_ops(impl, args, labels, divergence, beta, with_ce, masks, cotangents):
+    s, t, ts, tt = args
+    cfg = (-100, divergence, beta, with_ce)
+    div, ce, stats = impl.kd_forward(s, t, ts, tt, labels, *cfg)
+    gd, gce = (positive(len(div), seed=seed, dtype=div.dtype).to(div.device) for seed in (7, 8))
+    first = impl.kd_backward(gd, gce, s, t, ts, tt, labels, stats, *cfg, masks[0])
+    second = impl.kd_double_backward(*cotangents, gd, gce, s, t, ts, tt, labels, stats, *cfg,
+                                     masks[1])
+    return (div, ce, stats, *first, *second)
+
+
+def _compare_with_portable(launch, args, labels, divergence, beta, with_ce, masks, cotangents,
+                           rtol, atol):
+    got = _all_ops(launch, args, labels, divergence, beta, with_ce, masks, cotangents)
+    want = _all_ops(_loss_portable, [x.cpu() for x in args],
+                    None if labels is None else labels.cpu(), divergence, beta, with_ce, masks,
+                    [None if c is None else c.cpu() for c in cotangents])
+    for i, (g, w) in enumerate(zip(got, want)):
+        torch.testing.assert_close(g.cpu(), w, rtol=rtol, atol=atol, equal_nan=True,
+                                   msg=lambda m: f"output {i}: {m}")
+
+
+@needs_kernels
+@pytest.mark.parametrize("label_mode", [None, "mask", "ce"])
+@pytest.mark.parametrize("v", [1, 37])
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES, ids=DIVERGENCE_IDS)
+def test_ops_match_portable_float64(launch, tile, divergence, beta, v, label_mode):
+    """Every output of the three ops, all requested, per-row temperatures, -inf columns."""
+    n = 5
+    args, labels, with_ce = _op_inputs(n, v, torch.float64, label_mode, masked=v > 1)
+    cot = (logits(n, v, dtype=torch.float64, seed=15).to(DEVICE),
+           logits(n, v, dtype=torch.float64, seed=16).to(DEVICE),
+           positive(n, seed=17, dtype=torch.float64).to(DEVICE),
+           positive(n, seed=18, dtype=torch.float64).to(DEVICE))
+    _compare_with_portable(launch, args, labels, divergence, beta, with_ce,
+                           ([True] * 4, [True] * 6), cot, rtol=1e-12, atol=1e-12)
+
+
+@needs_kernels
+@pytest.mark.parametrize("cotangents", ["student", "tau_s", "teacher_and_tau_t"])
+@pytest.mark.parametrize("masks", ["student_only", "temperatures_only"])
+@pytest.mark.parametrize("divergence,beta", [("kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)],
+                         ids=["kl", "reverse_kl", "jsd0.3"])
+def test_partial_outputs_and_cotangents(launch, divergence, beta, masks, cotangents):
+    """Outputs left out by the mask and missing cotangents, in float32 with the CE term."""
+    n, v = 6, 37
+    args, labels, with_ce = _op_inputs(n, v, torch.float32, "ce", masked=True)
+    first, second = {
+        "student_only": ([True, False, False, False], [False, True, True, False, False, False]),
+        "temperatures_only": ([False, False, True, True], [True, False, False, False, True, True]),
+    }[masks]
+    vs = logits(n, v, seed=19).to(DEVICE)
+    u = positive(n, seed=20).to(DEVICE)
+    cot = {"student": (vs, None, None, None), "tau_s": (None, None, u, None),
+           "teacher_and_tau_t": (None, vs, None, u)}[cotangents]
+    _compare_with_portable(launch, args, labels, divergence, beta, with_ce, (first, second),
+                           cot, rtol=2e-5, atol=2e-6)
+
+
+@needs_kernels
+def test_strided_and_broadcast_arguments(launch):
+    """Row-strided logits, a broadcast temperature and stride-0 cotangents (a sum's gradient)."""
+    n, v = 4, 37
+    wide = logits(n, 2 * v, dtype=torch.float64, seed=21).to(DEVICE)
+    s, t = wide[:, :v], wide[:, v:]
+    tau = torch.tensor(1.7, dtype=torch.float64, device=DEVICE).expand(n)
+    ones = torch.ones((), dtype=torch.float64, device=DEVICE).expand(n)
+    v_s = torch.ones((), dtype=torch.float64, device=DEVICE).expand(n, v)
+    for impl in (launch, _loss_portable):
+        div, ce, stats = impl.kd_forward(s, t, tau, tau, None, -100, "kl", 0.5, False)
+        grads = impl.kd_backward(ones, ones, s, t, tau, tau, None, stats, -100, "kl", 0.5,
+                                 False, [True] * 4)
+        second = impl.kd_double_backward(v_s, None, None, None, ones, ones, s, t, tau, tau, None,
+                                         stats, -100, "kl", 0.5, False, [True] * 6)
+        if impl is launch:
+            got = (div, *grads, *second)
+        else:
+            want = (div, *grads, *second)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+@needs_kernels
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES, ids=DIVERGENCE_IDS)
+def test_gradcheck_and_gradgradcheck_through_triton(divergence, beta):
+    """float64, every input requiring grad: logits, per-row τs and τt; CE term, ignored rows."""
+    n, v = 4, 5
+    inputs = tuple(x.to(DEVICE).requires_grad_() for x in (
+        logits(n, v, dtype=torch.float64, seed=3), logits(n, v, dtype=torch.float64, seed=4),
+        positive(n, seed=5, dtype=torch.float64), positive(n, seed=6, dtype=torch.float64)))
+    labels, alpha = labels_for((n,), v, "ce")
+    labels = labels.to(DEVICE)
+
+    def fn(s, t, ts, tt):
+        return kdops.fused_kd_loss(s, t, temperature=ts, teacher_temperature=tt,
+                                   divergence=divergence, beta=beta, labels=labels, alpha=alpha)
+
+    with contextlib.nullcontext() if CUDA else _library.triton_on_cpu():
+        assert gradcheck(fn, inputs)
+        assert gradgradcheck(fn, inputs)
+
+
+def test_launch_config_covers_short_and_long_rows(launch):
+    """Short rows share a program (V = 100: a tile of rows), long rows are cut in blocks."""
+    short = launch.launch_config("forward", 65536, 100)
+    assert short["BLOCK_V"] >= 100 and short["ROWS"] * short["BLOCK_V"] >= 2048
+    long = launch.launch_config("forward", 8192, 128256)
+    assert long["ROWS"] == 1 and long["BLOCK_V"] < 128256
+    tiny = launch.launch_config("double_backward", 3, 7)
+    assert tiny["ROWS"] >= 3 and tiny["BLOCK_V"] >= 7
+
+
+def test_backend_info_reports_triton_on_cuda():
+    info = kdops.backend_info()
+    assert all(info[op]["cuda"] == "triton" for op in _triton.OPS), info
+    assert info["pilot_sgd_step"]["cuda"] != "triton"
