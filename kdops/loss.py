@@ -7,6 +7,7 @@ differentiates (the scale τ² and the mixing weight alpha included).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from typing import Optional, Union
@@ -14,6 +15,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
+from . import _grad_in_forward
 from . import _loss_ops as _ops
 
 Scalar = Union[float, Tensor]
@@ -138,6 +140,7 @@ def fused_kd_loss(
     alpha: Optional[Scalar] = None,
     ignore_index: int = -100,
     reduction: str = "batchmean",
+    grad_in_forward: bool = False,
 ) -> Tensor:
     """Temperature-scaled distillation loss between student and teacher logits, fused.
 
@@ -171,6 +174,13 @@ def fused_kd_loss(
             elements), or ``"none"`` (per-row losses of the leading shape, ignored rows 0).
             Note ``"batchmean"`` divides by rows, not by ``size(0)`` as ``F.kl_div`` does for
             3-D inputs.
+        grad_in_forward: compute the gradients to the logits during the forward pass
+            (Liger-Kernel's trick; opt-in). The backward then only scales them, and the
+            logits are not kept for it: teacher logits made under ``no_grad`` are freed once
+            you drop them. **First order only**: differentiating the gradient again raises,
+            and temperatures, scale and alpha must not require grad (ValueError). It costs an
+            [N, V] gradient held from forward to backward, and the forward does the
+            backward's work even if no backward follows.
 
     Returns:
         The loss: 0-dim (or the leading shape for ``"none"``), float64 when either logits
@@ -196,9 +206,14 @@ def fused_kd_loss(
         teacher_temperature, "teacher_temperature", lead, n, s, cdt, positive=True)
     flat_labels = None if labels is None else _flat_labels(labels, lead, v, ignore_index, s)
     with_ce = alpha is not None and not (isinstance(alpha, numbers.Real) and alpha == 1)
+    if grad_in_forward:
+        _grad_in_forward.check_constants(temperature=temperature,
+                                         teacher_temperature=teacher_temperature, scale=scale,
+                                         alpha=alpha)
 
-    div, ce, *_ = _ops.kd_forward(s, t, tau_s, tau_t, flat_labels, ignore_index, divergence,
-                                  float(beta), with_ce)
+    with torch.no_grad() if grad_in_forward else contextlib.nullcontext():
+        div, ce, stats = _ops.kd_forward(s, t, tau_s, tau_t, flat_labels, ignore_index,
+                                         divergence, float(beta), with_ce)
 
     if scale is None:
         c = temperature ** 2 if isinstance(temperature, numbers.Real) else tau_s * tau_s
@@ -207,6 +222,11 @@ def fused_kd_loss(
     rows = div * c
     if alpha is not None:
         rows = alpha * rows + (1 - alpha) * ce if with_ce else rows
+    if grad_in_forward and torch.is_grad_enabled() and (s.requires_grad or t.requires_grad):
+        rows = _grad_in_forward.attach(rows, s, t, tau_s, tau_t, flat_labels, stats,
+                                       ignore_index, divergence, float(beta), with_ce,
+                                       c if alpha is None else alpha * c,
+                                       1 - alpha if with_ce else 0.0)
     return _reduce(rows, flat_labels, ignore_index, lead, v, reduction)
 
 
@@ -234,12 +254,13 @@ class KDLoss(nn.Module):
     def __init__(self, *, temperature: Scalar = 1.0, teacher_temperature: Optional[Scalar] = None,
                  divergence: str = "kl", beta: float = 0.5, scale: Optional[Scalar] = None,
                  alpha: Optional[Scalar] = None, ignore_index: int = -100,
-                 reduction: str = "batchmean"):
+                 reduction: str = "batchmean", grad_in_forward: bool = False):
         super().__init__()
         _check_options(divergence, beta, reduction, None, None)
         self.options = dict(temperature=temperature, teacher_temperature=teacher_temperature,
                             divergence=divergence, beta=beta, scale=scale, alpha=alpha,
-                            ignore_index=ignore_index, reduction=reduction)
+                            ignore_index=ignore_index, reduction=reduction,
+                            grad_in_forward=grad_in_forward)
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor,
                 labels: Optional[Tensor] = None) -> Tensor:
