@@ -23,7 +23,6 @@ large device-to-device copy measured in the same run (bytes read plus written).
 import contextlib
 import os
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -33,6 +32,7 @@ import kdops
 from kdops import _library, reference
 
 sys.path.insert(0, str(Path(__file__).parent))
+import measure  # noqa: E402
 from measure import DEVICE, DEVICE_NAME, synchronize  # noqa: E402
 from param_lists import param_list  # noqa: E402
 
@@ -63,17 +63,7 @@ if NATIVE and DEVICE.type == "cpu":
 
 @pytest.fixture(scope="module")
 def copy_bandwidth():
-    """Bytes per second of a 256 MiB device-to-device copy (read plus written), median of 10."""
-    src = torch.randn(2 ** 26, device=DEVICE)
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(11):
-        synchronize()
-        start = time.perf_counter()
-        dst.copy_(src)
-        synchronize()
-        times.append(time.perf_counter() - start)
-    return 2 * src.nbytes / sorted(times[1:])[5]
+    return measure.copy_bandwidth()
 
 
 @pytest.fixture(scope="module", params=_lists())

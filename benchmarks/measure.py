@@ -2,6 +2,7 @@
 import os
 import re
 import sys
+import time
 
 import torch
 
@@ -39,3 +40,18 @@ def peak_extra(run, args, unit_bytes, device=torch.device("cpu")):
     base = rss("VmRSS")
     run(*args)
     return round((rss("VmHWM") - base) / unit_bytes, 2)
+
+
+def copy_bandwidth(numel=2 ** 26):
+    """Bytes per second of a device-to-device copy of `numel` float32 (read plus written),
+    median of 10 after a warm-up: the yardstick of the bandwidth fractions reported."""
+    src = torch.randn(numel, device=DEVICE)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(11):
+        synchronize()
+        start = time.perf_counter()
+        dst.copy_(src)
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return 2 * src.nbytes / sorted(times[1:])[5]

@@ -34,3 +34,12 @@ def test_pilot_sgd_benchmarks_run():
 def test_meta_step_benchmarks_run():
     out = run_suite("bench_meta_step.py", KDOPS_BENCH_META="digits_mlp")
     assert "3 passed" in out
+
+
+def test_gpu_kd_loss_benchmarks_run_interpreted():
+    """The GPU suite on tiny shapes, its Triton kernels through the interpreter (no liger
+    here): forward 3 cases, forward+backward 4, second order 2, per dtype and divergence."""
+    out = run_suite("bench_kd_loss_gpu.py", TRITON_INTERPRET="1", KDOPS_BENCH_DEVICE="cpu",
+                    KDOPS_BENCH_SHAPES="16x33", KDOPS_BENCH_DTYPES="float32,bfloat16",
+                    KDOPS_BENCH_DIVERGENCES="kl,jsd")
+    assert "36 passed" in out
