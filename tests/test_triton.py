@@ -171,3 +171,51 @@ def test_backend_info_reports_triton_on_cuda():
     info = kdops.backend_info()
     assert all(info[op]["cuda"] == "triton" for op in _triton.OPS), info
     assert info["pilot_sgd_step"]["cuda"] != "triton"
+
+
+@needs_cuda
+@pytest.mark.parametrize("shape,dtype", [((64, 128256), torch.bfloat16),
+                                         ((64, 128256), torch.float32),
+                                         ((65536, 100), torch.float32)],
+                         ids=["64x128256-bf16", "64x128256-fp32", "65536x100-fp32"])
+@pytest.mark.parametrize("divergence,beta", [("kl", 0.5), ("jsd", 0.3)], ids=["kl", "jsd0.3"])
+def test_full_size_on_gpu_against_float64(shape, dtype, divergence, beta):
+    """Loss, gradients and second order within 2x eager's error against float64 (test_values)."""
+    from test_values import _compare
+    n, v = shape
+    s, t = (logits(n, v, dtype=dtype, seed=seed).cuda() for seed in (31, 32))
+    taus = (positive(n, seed=33).cuda(),)
+    _compare(s, t, taus, v=logits(n, v, seed=34).cuda(), divergence=divergence, beta=beta)
+
+
+@needs_cuda
+def test_64_bit_offsets_on_gpu():
+    """N·V ≥ 2^31 elements: the last rows equal the same rows computed on their own."""
+    n, v = 16800, 128256
+    if torch.cuda.mem_get_info()[0] < 4 * n * v * 2:
+        pytest.skip("needs 4 bf16 [N, V] tensors of GPU memory")
+    s = torch.randn(n, v, device="cuda", dtype=torch.bfloat16)
+    t = torch.randn(n, v, device="cuda", dtype=torch.bfloat16)
+    s.requires_grad_()
+    rows = kdops.fused_kd_loss(s, t, temperature=2.0, reduction="none")
+    (g,) = torch.autograd.grad(rows.sum(), s)
+    tail_s = s.detach()[-3:].clone().requires_grad_()
+    tail = kdops.fused_kd_loss(tail_s, t[-3:], temperature=2.0, reduction="none")
+    (g_tail,) = torch.autograd.grad(tail.sum(), tail_s)
+    assert torch.equal(rows[-3:], tail) and torch.equal(g[-3:], g_tail)
+
+
+@needs_cuda
+def test_no_host_sync_on_gpu():
+    """Forward, backward and second order with tensor temperatures never wait for the GPU."""
+    s = logits(256, 1000).cuda().requires_grad_()
+    t = logits(256, 1000).cuda().requires_grad_()
+    tau = torch.full((256,), 2.0, device="cuda", requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = kdops.fused_kd_loss(s, t, temperature=tau)
+        (g,) = torch.autograd.grad(loss, s, create_graph=True)
+        torch.autograd.grad(g, (s, t, tau), grad_outputs=torch.ones_like(g))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
