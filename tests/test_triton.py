@@ -8,6 +8,11 @@ run their whole suites through these kernels (their ``triton`` backend). With a 
 the same comparisons run on the GPU, plus full-size checks against a float64 reference.
 """
 import contextlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,7 +42,8 @@ def launch():
 def tile(request, launch, monkeypatch):
     """Default tiles, or tiles of 16 elements: several vocabulary blocks per row."""
     if request.param == "blocks_of_16":
-        monkeypatch.setattr(launch, "TILE_ELEMENTS", dict.fromkeys(launch.TILE_ELEMENTS, 16))
+        for table in ("LONG_ROWS", "SHORT_ROWS"):
+            monkeypatch.setattr(launch, table, dict.fromkeys(getattr(launch, table), (16, 4)))
     return request.param
 
 
@@ -159,12 +165,13 @@ def test_gradcheck_and_gradgradcheck_through_triton(divergence, beta):
 
 def test_launch_config_covers_short_and_long_rows(launch):
     """Short rows share a program (V = 100: a tile of rows), long rows are cut in blocks."""
-    short = launch.launch_config("forward", 65536, 100)
-    assert short["BLOCK_V"] >= 100 and short["ROWS"] * short["BLOCK_V"] >= 2048
-    long = launch.launch_config("forward", 8192, 128256)
-    assert long["ROWS"] == 1 and long["BLOCK_V"] < 128256
-    tiny = launch.launch_config("double_backward", 3, 7)
-    assert tiny["ROWS"] >= 3 and tiny["BLOCK_V"] >= 7
+    for kernel in launch.LONG_ROWS:
+        short = launch.launch_config(kernel, 65536, 100)
+        assert short["BLOCK_V"] >= 100 and short["ROWS"] >= 8
+        long = launch.launch_config(kernel, 8192, 128256)
+        assert long["ROWS"] == 1 and long["BLOCK_V"] < 128256
+        tiny = launch.launch_config(kernel, 3, 7)
+        assert tiny["ROWS"] >= 3 and tiny["BLOCK_V"] >= 7
 
 
 def test_backend_info_reports_triton_on_cuda():
@@ -219,3 +226,17 @@ def test_no_host_sync_on_gpu():
         torch.autograd.grad(g, (s, t, tau), grad_outputs=torch.ones_like(g))
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Triton's bundled ptxas is a Linux binary")
+def test_kernels_compile_for_hopper_without_spills():
+    """Every kernel, for the KL and the JSD, compiles for sm_90 (no GPU needed) at the tiles
+    of V = 100 and V = 128256, and no variant spills registers to local memory."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "compile_triton.py"), "--kinds", "0,2",
+         "--dtypes", "bfloat16"], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(reports) == 3 * 2 * 2
+    assert all(r["spill_bytes"] == 0 for r in reports), reports

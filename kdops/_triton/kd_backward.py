@@ -13,13 +13,16 @@ def _side_grads(ls, lt, ps, pt, beta, mean_s, mean_t, KIND: tl.constexpr):
     KL(ps‖pt): the mirror image, mean_s = D;
     JSD: (1 − β) ps ⊙ (e_s − ⟨ps, e_s⟩) and β pt ⊙ (e_t − ⟨pt, e_t⟩) (see rows.jsd_logs)."""
     if KIND == 0:
-        return ps - pt, pt * ((lt - ls) - mean_t[:, None])
+        dzs = ps - pt
+        dzt = pt * ((lt - ls) - mean_t[:, None])
     elif KIND == 1:
-        return ps * ((ls - lt) - mean_s[:, None]), pt - ps
+        dzs = ps * ((ls - lt) - mean_s[:, None])
+        dzt = pt - ps
     else:
         e_s, e_t = jsd_logs(ls, lt, beta)
-        return ((1.0 - beta) * ps * (e_s - mean_s[:, None]),
-                beta * pt * (e_t - mean_t[:, None]))
+        dzs = (1.0 - beta) * ps * (e_s - mean_s[:, None])
+        dzt = beta * pt * (e_t - mean_t[:, None])
+    return dzs, dzt
 
 
 @triton.jit
@@ -29,7 +32,8 @@ def kd_backward_kernel(
     gs_ptr, gt_ptr, gts_ptr, gtt_ptr, n, v, ignore_index,
     KIND: tl.constexpr, HAS_LABELS: tl.constexpr, WITH_CE: tl.constexpr,
     NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_TAU_S: tl.constexpr,
-    NEED_TAU_T: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr, LOWEST: tl.constexpr,
+    NEED_TAU_T: tl.constexpr, MEANS: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
+    LOWEST: tl.constexpr,
 ):
     """With gD, gCE the per-row cotangents (zero on ignored rows):
 
@@ -38,7 +42,8 @@ def kd_backward_kernel(
 
     (z shifted by its row max; the divergences are shift-invariant). A first pass gathers
     the row means of `_side_grads` where a requested output needs them (the KL side that
-    carries P, both JSD sides); a second writes the gradients and sums the τ products.
+    carries P, both JSD sides: MEANS); a second writes the gradients and sums the τ
+    products.
     """
     rows, row_ok = row_tile(n, ROWS)
     valid, label = row_validity(labels_ptr, rows, row_ok, ignore_index, HAS_LABELS)
@@ -53,9 +58,7 @@ def kd_backward_kernel(
     zero = tl.zeros([ROWS], dtype=tau_s.dtype)
     mean_s = zero
     mean_t = zero
-    NEED_MEAN_S: tl.constexpr = (KIND == 1 or KIND == 2) and (NEED_S or NEED_TAU_S)
-    NEED_MEAN_T: tl.constexpr = (KIND == 0 or KIND == 2) and (NEED_T or NEED_TAU_T)
-    if NEED_MEAN_S or NEED_MEAN_T:
+    if MEANS:
         for start in range(0, v, BLOCK_V):
             cols = start + cols0
             mask = row_ok[:, None] & (cols < v)[None, :]

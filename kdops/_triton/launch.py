@@ -19,21 +19,26 @@ from .kd_backward import kd_backward_kernel
 from .kd_double_backward import kd_double_backward_kernel
 from .kd_forward import kd_forward_kernel
 
-# Elements of one [ROWS, BLOCK_V] tile per kernel: the double backward keeps about twice as
-# many block-sized values alive, so it takes half the tile. A table, not autotuning: no
+# (elements per tile, warps) per kernel. Rows longer than the short-row tile get one program
+# each and are streamed in blocks of the long-row tile; shorter rows share a program, several
+# rows per tile. The sizes keep every variant free of register spills on sm_90 (the double
+# backward holds about twice as many block-sized values; tests/compile_triton.py reports
+# registers and spills); they have not been timed on a GPU yet. A table, not autotuning: no
 # benchmark pass at first call, and the same launch on every run (reproducible results).
-TILE_ELEMENTS = {"forward": 4096, "backward": 4096, "double_backward": 2048}
+LONG_ROWS = {"forward": (4096, 8), "backward": (4096, 8), "double_backward": (2048, 4)}
+SHORT_ROWS = {"forward": (1024, 4), "backward": (1024, 4), "double_backward": (1024, 8)}
 
 
 def launch_config(kernel: str, n: int, v: int) -> dict:
-    """ROWS, BLOCK_V and num_warps of a kernel for [n, v] logits.
-
-    Rows are cut in blocks of at most the tile; short rows share a tile (V = 100: 32 rows per
-    program), so many short rows still fill the GPU."""
-    tile = TILE_ELEMENTS[kernel]
-    block_v = min(triton.next_power_of_2(v), tile)
+    """ROWS, BLOCK_V and num_warps of a kernel for [n, v] logits (V = 100: 8 rows per
+    program, so 65536 short rows still fill the GPU; V = 128256: one row in 32 blocks)."""
+    block_v = triton.next_power_of_2(v)
+    tile, warps = SHORT_ROWS[kernel]
+    if block_v > tile:
+        tile, warps = LONG_ROWS[kernel]
+        return dict(ROWS=1, BLOCK_V=min(block_v, tile), num_warps=warps)
     rows = max(1, min(tile // block_v, triton.next_power_of_2(n)))
-    return dict(ROWS=rows, BLOCK_V=block_v, num_warps=8 if rows * block_v >= 4096 else 4)
+    return dict(ROWS=rows, BLOCK_V=block_v, num_warps=warps)
 
 
 def _kind(divergence: str, beta: float) -> int:
@@ -113,12 +118,14 @@ def kd_backward(grad_div: Tensor, grad_ce: Tensor, student: Tensor, teacher: Ten
     gts = masked_output(need_tau_s, tau_s, n, cdt)
     gtt = masked_output(need_tau_t, tau_t, n, cdt)
     if n and any(output_mask):
+        kind = consts["KIND"]
+        means = (kind != 1 and (need_t or need_tau_t)) or (kind != 0 and (need_s or need_tau_s))
         config = launch_config("backward", n, v)
         kd_backward_kernel[_grid(n, config)](
             grad_div, grad_div.stride(0), grad_ce, grad_ce.stride(0), s, t, s_stride, t_stride,
             *rest, stats.contiguous(), beta_t, *_pointers((gs, gt, gts, gtt), s), n, v,
             ignore_index, WITH_CE=with_ce, NEED_S=need_s, NEED_T=need_t, NEED_TAU_S=need_tau_s,
-            NEED_TAU_T=need_tau_t, **consts, **config)
+            NEED_TAU_T=need_tau_t, MEANS=means, **consts, **config)
     return gs, gt, gts, gtt
 
 

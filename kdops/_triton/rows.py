@@ -45,8 +45,11 @@ def row_validity(labels_ptr, rows, row_ok, ignore_index, HAS_LABELS: tl.constexp
     if HAS_LABELS:
         label = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index)
         valid = row_ok & (label != ignore_index)
-        return valid, tl.where(valid, label, 0)
-    return row_ok, tl.zeros_like(rows)
+        safe = tl.where(valid, label, 0)
+    else:
+        valid = row_ok
+        safe = tl.zeros_like(rows)
+    return valid, safe
 
 
 @triton.jit
