@@ -36,8 +36,9 @@ class _RowsWithGrad(torch.autograd.Function):
                 "forward and cannot be differentiated again; use grad_in_forward=False for "
                 "second order")
         scale = grad_rows[:, None]
-        return (*(None if g is None else (scale * g).to(g.dtype) for g in ctx.saved_tensors),
-                None, None, None)
+        # Written straight into the logits' dtype: computed in float32, no float32 [N, V] copy.
+        return (*(None if g is None else torch.mul(scale, g, out=torch.empty_like(g))
+                  for g in ctx.saved_tensors), None, None, None)
 
 
 def _rows(x, n: int, like: Tensor, dtype: torch.dtype) -> Tensor:
