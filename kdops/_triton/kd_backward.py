@@ -2,7 +2,7 @@
 import triton
 import triton.language as tl
 
-from .rows import (hard_probs, jsd_logs, load_rows, load_stats, load_z, log_probs, row_tile,
+from .rows import (block_log_probs, hard_probs, jsd_logs, load_rows, load_stats, row_tile,
                    row_validity, store_rounded)
 
 
@@ -61,11 +61,9 @@ def kd_backward_kernel(
     if MEANS:
         for start in range(0, v, BLOCK_V):
             cols = start + cols0
-            mask = row_ok[:, None] & (cols < v)[None, :]
-            ls, ps, _ = log_probs(load_z(s_ptr, s_stride, rows, cols, mask, tau_s), ms, log_ss,
-                                  LOWEST)
-            lt, pt, _ = log_probs(load_z(t_ptr, t_stride, rows, cols, mask, tau_t), mt, log_st,
-                                  LOWEST)
+            mask, ls, ps, _, lt, pt, _ = block_log_probs(
+                s_ptr, t_ptr, s_stride, t_stride, rows, row_ok, cols, v, tau_s, tau_t,
+                ms, mt, log_ss, log_st, LOWEST)
             if KIND == 0:
                 mean_t += tl.sum(pt * (lt - ls), 1)
             elif KIND == 1:
@@ -80,11 +78,9 @@ def kd_backward_kernel(
     dot_t = zero
     for start in range(0, v, BLOCK_V):
         cols = start + cols0
-        mask = row_ok[:, None] & (cols < v)[None, :]
-        ls, ps, zs = log_probs(load_z(s_ptr, s_stride, rows, cols, mask, tau_s), ms, log_ss,
-                               LOWEST)
-        lt, pt, zt = log_probs(load_z(t_ptr, t_stride, rows, cols, mask, tau_t), mt, log_st,
-                               LOWEST)
+        mask, ls, ps, zs, lt, pt, zt = block_log_probs(
+            s_ptr, t_ptr, s_stride, t_stride, rows, row_ok, cols, v, tau_s, tau_t,
+            ms, mt, log_ss, log_st, LOWEST)
         dzs, dzt = _side_grads(ls, lt, ps, pt, beta, mean_s, mean_t, KIND)
         out = rows[:, None] * v + cols[None, :]
         if NEED_S:

@@ -16,7 +16,7 @@ with gs = (gD/τs) ∂D/∂zs, gt = (gD/τt) ∂D/∂zt.
 import triton
 import triton.language as tl
 
-from .rows import (hard_probs, jsd_logs, load_rows, load_stats, load_z, log_probs, row_tile,
+from .rows import (block_log_probs, hard_probs, jsd_logs, load_rows, load_stats, row_tile,
                    row_validity, store_rounded)
 
 
@@ -99,11 +99,9 @@ def kd_double_backward_kernel(
     p1_vs = zero   # ⟨softmax(s), vs⟩ for the cross-entropy terms
     for start in range(0, v, BLOCK_V):
         cols = start + cols0
-        mask = row_ok[:, None] & (cols < v)[None, :]
-        ls, ps, zs = log_probs(load_z(s_ptr, s_stride, rows, cols, mask, tau_s), ms, log_ss,
-                               LOWEST)
-        lt, pt, zt = log_probs(load_z(t_ptr, t_stride, rows, cols, mask, tau_t), mt, log_st,
-                               LOWEST)
+        mask, ls, ps, zs, lt, pt, zt = block_log_probs(
+            s_ptr, t_ptr, s_stride, t_stride, rows, row_ok, cols, v, tau_s, tau_t,
+            ms, mt, log_ss, log_st, LOWEST)
         vs, a = _direction(vs_ptr, vs_stride, rows, cols, mask, us, zs, tau_s, HAS_VS, HAS_US)
         _, b = _direction(vt_ptr, vt_stride, rows, cols, mask, ut, zt, tau_t, HAS_VT, HAS_UT)
         if KIND == 0:
@@ -137,11 +135,9 @@ def kd_double_backward_kernel(
     if KIND == 2:
         for start in range(0, v, BLOCK_V):
             cols = start + cols0
-            mask = row_ok[:, None] & (cols < v)[None, :]
-            ls, ps, zs = log_probs(load_z(s_ptr, s_stride, rows, cols, mask, tau_s), ms,
-                                   log_ss, LOWEST)
-            lt, pt, zt = log_probs(load_z(t_ptr, t_stride, rows, cols, mask, tau_t), mt,
-                                   log_st, LOWEST)
+            mask, ls, ps, zs, lt, pt, zt = block_log_probs(
+                s_ptr, t_ptr, s_stride, t_stride, rows, row_ok, cols, v, tau_s, tau_t,
+                ms, mt, log_ss, log_st, LOWEST)
             _, a = _direction(vs_ptr, vs_stride, rows, cols, mask, us, zs, tau_s, HAS_VS,
                               HAS_US)
             _, b = _direction(vt_ptr, vt_stride, rows, cols, mask, ut, zt, tau_t, HAS_VT,
@@ -167,11 +163,9 @@ def kd_double_backward_kernel(
     if NEED_S or NEED_T or NEED_TAU_S or NEED_TAU_T:
         for start in range(0, v, BLOCK_V):
             cols = start + cols0
-            mask = row_ok[:, None] & (cols < v)[None, :]
-            ls, ps, zs = log_probs(load_z(s_ptr, s_stride, rows, cols, mask, tau_s), ms,
-                                   log_ss, LOWEST)
-            lt, pt, zt = log_probs(load_z(t_ptr, t_stride, rows, cols, mask, tau_t), mt,
-                                   log_st, LOWEST)
+            mask, ls, ps, zs, lt, pt, zt = block_log_probs(
+                s_ptr, t_ptr, s_stride, t_stride, rows, row_ok, cols, v, tau_s, tau_t,
+                ms, mt, log_ss, log_st, LOWEST)
             vs, a = _direction(vs_ptr, vs_stride, rows, cols, mask, us, zs, tau_s, HAS_VS,
                                HAS_US)
             vt, b = _direction(vt_ptr, vt_stride, rows, cols, mask, ut, zt, tau_t, HAS_VT,

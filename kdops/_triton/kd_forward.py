@@ -6,7 +6,8 @@ KIND selects the divergence: 0 = KL(pt‖ps) (``kl``, ``jsd`` with β = 0), 1 = 
 import triton
 import triton.language as tl
 
-from .rows import jsd_logs, load_rows, load_z, log_probs, online_lse, row_tile, row_validity
+from .rows import (block_log_probs, jsd_logs, load_rows, load_z, online_lse, row_tile,
+                   row_validity)
 
 
 @triton.jit
@@ -93,11 +94,9 @@ def kd_forward_kernel(
         acc_t = zero
         for start in range(0, v, BLOCK_V):
             cols = start + cols0
-            mask = row_ok[:, None] & (cols < v)[None, :]
-            ls, ps, _ = log_probs(load_z(s_ptr, s_stride, rows, cols, mask, tau_s), ms, log_ss,
-                                  LOWEST)
-            lt, pt, _ = log_probs(load_z(t_ptr, t_stride, rows, cols, mask, tau_t), mt, log_st,
-                                  LOWEST)
+            mask, ls, ps, _, lt, pt, _ = block_log_probs(
+                s_ptr, t_ptr, s_stride, t_stride, rows, row_ok, cols, v, tau_s, tau_t,
+                ms, mt, log_ss, log_st, LOWEST)
             e_s, e_t = jsd_logs(ls, lt, beta)
             acc_s += tl.sum(ps * e_s, 1)
             acc_t += tl.sum(pt * e_t, 1)

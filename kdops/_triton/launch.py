@@ -14,6 +14,7 @@ import torch
 import triton
 from torch import Tensor
 
+from .._divergences import KLDivergence, make_divergence
 from .._loss_portable import masked_output
 from .kd_backward import kd_backward_kernel
 from .kd_double_backward import kd_double_backward_kernel
@@ -44,14 +45,12 @@ def launch_config(kernel: str, n: int, v: int) -> dict:
 
 
 def _kind(divergence: str, beta: float) -> int:
-    """0 = KL(pt‖ps), 1 = KL(ps‖pt), 2 = JSD; β = 0 and 1 are exactly the KLs."""
-    if divergence == "kl" or (divergence == "jsd" and beta == 0.0):
-        return 0
-    if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
-        return 1
-    if divergence == "jsd":
-        return 2
-    raise ValueError(f"unknown divergence {divergence!r}; expected 'kl', 'reverse_kl' or 'jsd'")
+    """0 = KL(pt‖ps), 1 = KL(ps‖pt), 2 = JSD: the portable path's choice of divergence
+    (β = 0 and 1 are exactly the KLs), as the kernels' KIND."""
+    div = make_divergence(divergence, beta)
+    if isinstance(div, KLDivergence):
+        return 0 if div.p_is_teacher else 1
+    return 2
 
 
 @functools.lru_cache(maxsize=64)

@@ -83,6 +83,18 @@ def log_probs(z, m, logsum, LOWEST: tl.constexpr):
 
 
 @triton.jit
+def block_log_probs(s_ptr, t_ptr, s_stride, t_stride, rows, row_ok, cols, v, tau_s, tau_t,
+                    ms, mt, log_ss, log_st, LOWEST: tl.constexpr):
+    """(mask, then `log_probs` of the student and of the teacher) for one vocabulary block
+    `cols` of this tile, from the row statistics: what every pass after the first starts
+    from."""
+    mask = row_ok[:, None] & (cols < v)[None, :]
+    ls, ps, zs = log_probs(load_z(s_ptr, s_stride, rows, cols, mask, tau_s), ms, log_ss, LOWEST)
+    lt, pt, zt = log_probs(load_z(t_ptr, t_stride, rows, cols, mask, tau_t), mt, log_st, LOWEST)
+    return mask, ls, ps, zs, lt, pt, zt
+
+
+@triton.jit
 def jsd_logs(ls, lt, beta):
     """(e_s, e_t) = (log ps − log m, log pt − log m), m = β pt + (1 − β) ps, from
     d = log pt − log ps: log m − log ps = log1p(β expm1(d)) for d ≤ 0 and
