@@ -5,7 +5,9 @@ Each family (`_loss_ops`, `_pilot_ops`) defines its schemas on `LIB` and registe
 implementation with `define_portable`, as CompositeExplicitAutograd: it serves every device
 until a native kernel registered for a backend key overrides it. The compiled extension
 `kdops._C` registers the C++ CPU kernels (csrc/cpu) and, in CUDA builds, the CUDA kernels
-(csrc/cuda) when `load_native` imports it, after every family has been defined.
+(csrc/cuda) when `load_native` imports it, after every family has been defined. It also
+registers the loss ops' autograd (every device); a family's Python autograd formulas, given
+with `define_autograd`, are registered by `load_python_autograd` only where it does not.
 """
 from __future__ import annotations
 
@@ -17,8 +19,11 @@ import torch
 LIB = torch.library.Library("kdops", "DEF")
 
 _PORTABLE = {}
+# (op names, function registering their Python autograd formulas on a Library), by family.
+_PYTHON_AUTOGRAD = []
 # Kernels registered from Python for a dispatch key, by name of their implementation:
-# {(op, "CUDA"): "triton"}. Any other kernel for a key comes from the compiled extension.
+# {(op, "CUDA"): "triton", (op, "Autograd"): "python"}. Any other kernel for a key comes from
+# the compiled extension.
 _PYTHON_KERNELS = {}
 
 
@@ -26,6 +31,12 @@ def define_portable(name: str, fn) -> None:
     """Register `fn` as the portable (every-device) implementation of kdops::`name`."""
     LIB.impl(name, fn, "CompositeExplicitAutograd")
     _PORTABLE[name] = fn
+
+
+def define_autograd(ops: tuple, register) -> None:
+    """`register(lib)` registers the Python autograd formulas of `ops` on a Library: they serve
+    unless the compiled extension brings its own (`load_python_autograd`)."""
+    _PYTHON_AUTOGRAD.append((ops, register))
 
 
 def wanted_groups(ctx, needs, sizes):
@@ -81,6 +92,16 @@ def load_native():
     _NATIVE = _C
 
 
+def load_python_autograd():
+    """Register the Python autograd formulas of every family the compiled extension gives no
+    autograd kernel of its own (all of them without the extension)."""
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    for ops, register in _PYTHON_AUTOGRAD:
+        if not all(has(f"kdops::{op}", "Autograd") for op in ops):
+            register(LIB)
+            _PYTHON_KERNELS.update({(op, "Autograd"): "python" for op in ops})
+
+
 def load_triton():
     """Register the Triton loss kernels as the CUDA implementation, when Triton is installed.
 
@@ -95,24 +116,35 @@ def load_triton():
 
 
 @contextlib.contextmanager
-def _kernels_for(key: str, kernels: dict):
-    """Register `kernels` ({op name: function}) for a dispatch key inside this block, over
-    whatever serves that key, and remove them on exit."""
+def _overriding(*registrations):
+    """Inside this block, kernels that each `register(lib)` registers on a fresh Library take
+    over from whatever served their dispatch keys; they are removed on exit."""
     lib = torch.library.Library("kdops", "IMPL")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Oo]verrid.*")
-        for name, fn in kernels.items():
-            lib.impl(name, fn, key)
+        for register in registrations:
+            register(lib)
     try:
         yield
     finally:
         lib._destroy()
 
 
+def _kernels(key: str, kernels: dict):
+    """A registration of `kernels` ({op name: function}) for a dispatch key."""
+    def register(lib):
+        for name, fn in kernels.items():
+            lib.impl(name, fn, key)
+    return register
+
+
 def portable_on_cpu():
-    """Run every kdops op on CPU with its portable implementation inside this block, so tests
-    and benchmarks can compare it with the native kernels in one process."""
-    return _kernels_for("CPU", _PORTABLE)
+    """Run kdops on CPU inside this block as an install without the compiled extension runs
+    it: every op's portable implementation and the Python autograd formulas. Tests and
+    benchmarks compare it with the native kernels and autograd in one process this way."""
+    python_autograd = [register for ops, register in _PYTHON_AUTOGRAD
+                       if (ops[0], "Autograd") not in _PYTHON_KERNELS]
+    return _overriding(_kernels("CPU", _PORTABLE), *python_autograd)
 
 
 def triton_on_cpu():
@@ -121,16 +153,19 @@ def triton_on_cpu():
     Only meaningful under Triton's interpreter (TRITON_INTERPRET=1 set before the first
     kernel call): that is how the Triton kernels are tested on machines without a GPU."""
     from . import _triton
-    return _kernels_for("CPU", {name: _triton.implementation(name) for name in _triton.OPS})
+    return _overriding(_kernels("CPU", {name: _triton.implementation(name)
+                                        for name in _triton.OPS}))
 
 
 def backend_info() -> dict:
     """Which implementation serves each kdops op, per device type.
 
-    Returns ``{"kd_forward": {"cpu": "native", "cuda": "triton"}, ...,
+    Returns ``{"kd_forward": {"cpu": "native", "cuda": "triton", "autograd": "native"}, ...,
     "cpu_capability": "AVX2"}``: ``"native"`` where a compiled kernel (kdops._C) serves that
     device's dispatch key, ``"triton"`` where a Triton kernel does, ``"portable"`` where the
-    PyTorch implementation runs, and the SIMD
+    PyTorch implementation runs; ``"autograd"`` says whether the op's derivative is wired
+    in C++ (``"native"``) or in Python (``"python"``: the loss ops without the extension,
+    and the pilot step, whose autograd.Function carries torch.func rules); and the SIMD
     capability the native CPU loss kernels were dispatched to (None without them; set
     ``ATEN_CPU_CAPABILITY`` before importing torch to choose a lower one, as for ATen).
     """
@@ -141,5 +176,8 @@ def backend_info() -> dict:
              for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
         for op in _PORTABLE
     }
+    for op, where in info.items():
+        where["autograd"] = ("native" if has(f"kdops::{op}", "Autograd")
+                             and (op, "Autograd") not in _PYTHON_KERNELS else "python")
     info["cpu_capability"] = _NATIVE.cpu_capability() if _NATIVE is not None else None
     return info

@@ -7,7 +7,10 @@ Three ops form a chain, each the derivative of the one before:
     kdops::kd_double_backward  the vector-Jacobian product of kd_backward (exact second order)
 
 The portable implementation (`kdops._loss_portable`) serves every device (see `_library`); the
-C++ CPU kernels of the compiled extension `kdops._C` (csrc/cpu) override it on CPU.
+C++ CPU kernels of the compiled extension `kdops._C` (csrc/cpu) override it on CPU, and the
+Triton kernels on CUDA. The autograd formulas below are registered only where the extension
+is absent: it brings the same formulas in C++ (csrc/kd_loss_autograd.cpp), which spare each
+forward and backward the Python autograd layer.
 Tensors are rows-flattened: logits [N, V] (any floating dtype), temperatures [N] in the compute
 dtype (float64 if either logits tensor is float64, else float32), labels [N] int64 or None.
 The statistics output ([6, N]: row max of zs and zt, log Σ exp(z − max) of zs and zt, then
@@ -20,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from . import _loss_portable as _portable
-from ._library import LIB, define_portable, wanted_grads
+from ._library import LIB, define_autograd, define_portable, wanted_grads
 
 _SHARED = ("Tensor student, Tensor teacher, Tensor tau_s, Tensor tau_t, Tensor? labels")
 _STATS = "Tensor stats"
@@ -118,9 +121,17 @@ def _third_order(ctx, *grads):
     )
 
 
-torch.library.register_autograd("kdops::kd_forward", _forward_backward,
-                                setup_context=_forward_setup)
-torch.library.register_autograd("kdops::kd_backward", _backward_backward,
-                                setup_context=_backward_setup)
-torch.library.register_autograd("kdops::kd_double_backward", _third_order,
-                                setup_context=lambda ctx, inputs, output: None)
+def register_autograd(lib: torch.library.Library) -> None:
+    """Register the autograd formulas above on `lib`: the Python twin of the compiled
+    extension's (csrc/kd_loss_autograd.cpp), used where the extension is absent."""
+    for name, backward, setup in (("kd_forward", _forward_backward, _forward_setup),
+                                  ("kd_backward", _backward_backward, _backward_setup),
+                                  ("kd_double_backward", _third_order, _no_setup)):
+        torch.library.register_autograd(f"kdops::{name}", backward, setup_context=setup, lib=lib)
+
+
+def _no_setup(ctx, inputs, output):
+    pass
+
+
+define_autograd(("kd_forward", "kd_backward", "kd_double_backward"), register_autograd)

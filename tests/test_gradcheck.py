@@ -1,11 +1,14 @@
 """float64 gradcheck and gradgradcheck of fused_kd_loss over every argument combination.
 
 gradgradcheck differentiates kdops::kd_backward through its registered second-order op,
-so these tests check the explicit first- and second-order formulas against finite differences.
+so these tests check the explicit first- and second-order formulas against finite differences,
+through both twins of the autograd wiring: the compiled one (native backend) and the Python
+one (portable backend, as an install without the extension runs).
 """
 import pytest
 import torch
 from torch.autograd import gradcheck, gradgradcheck
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import kdops
 from cases import (DIVERGENCE_IDS, DIVERGENCES, REDUCTIONS, labels_for, logits, mask_vocab,
@@ -117,3 +120,31 @@ def test_third_order_raises_clearly():
     (gg,) = torch.autograd.grad((g * g).sum(), s, create_graph=True)
     with pytest.raises(NotImplementedError, match="third-order"):
         torch.autograd.grad(gg.sum(), s)
+
+
+class _OpLog(TorchDispatchMode):
+    """The output masks of the kdops backward ops that run inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.masks = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.name()
+        if name in ("kdops::kd_backward", "kdops::kd_double_backward"):
+            self.masks[name] = list(args[-1])
+        return func(*args, **(kwargs or {}))
+
+
+def test_backward_computes_only_the_gradients_asked_for():
+    """autograd.grad(loss, s) with the teacher and τ requiring grad too computes the student's
+    gradient only, in the first and the second-order op alike."""
+    s = logits(N, V, dtype=torch.float64, requires_grad=True)
+    t = logits(N, V, dtype=torch.float64, seed=1, requires_grad=True)
+    tau = positive(N, dtype=torch.float64, seed=2).requires_grad_()
+    with _OpLog() as log:
+        (g,) = torch.autograd.grad(kdops.fused_kd_loss(s, t, temperature=tau), s,
+                                   create_graph=True)
+        torch.autograd.grad((g * g).sum(), t)
+    assert log.masks == {"kdops::kd_backward": [True, False, False, False],
+                         "kdops::kd_double_backward": [False, False, False, True, False, False]}

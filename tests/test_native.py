@@ -38,7 +38,33 @@ def test_backend_info_reports_native():
     info = kdops.backend_info()
     for op in ("kd_forward", "kd_backward", "kd_double_backward"):
         assert info[op]["cpu"] == "native"
+        assert info[op]["autograd"] == "native"
     assert info["cpu_capability"] in ("DEFAULT", "AVX2", "AVX512")
+
+
+def _loss_nodes(loss):
+    """Names of the autograd nodes of a loss's graph."""
+    names, todo = set(), [loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None:
+            names.add(node.name())
+            todo += [next_node for next_node, _ in node.next_functions]
+    return names
+
+
+def test_compiled_autograd_is_the_one_that_runs():
+    """The loss ops' graph nodes are the compiled ones (csrc/kd_loss_autograd.cpp); the portable
+    backend runs the Python formulas, as an install without the extension does."""
+    s = logits(3, 5, requires_grad=True)
+    t = logits(3, 5, seed=1)
+    native = _loss_nodes(kdops.fused_kd_loss(s, t))
+    assert any("KdForward" in name for name in native)
+    assert not any("kd_forward" in name for name in native)
+    with _library.portable_on_cpu():
+        portable = _loss_nodes(kdops.fused_kd_loss(s, t))
+    assert any("GeneratedBackwardFor_kdops_kd_forward" in name for name in portable)
+    assert not any("KdForward" in name for name in portable)
 
 
 def test_native_kernels_are_the_ones_that_run():
@@ -183,3 +209,25 @@ def test_no_row_by_vocab_temporaries():
     assert peaks["forward_backward"] < 1.05       # the gradient
     # the gradient g, its cotangent g * cot's backward makes, d/ds and d/dt
     assert peaks["second_order"] < 4.05
+
+
+def test_import_without_the_extension_wires_python_autograd():
+    """kdops imported where kdops._C is missing (a KDOPS_NO_EXTENSION=1 install) runs the
+    portable kernels with the Python autograd formulas, exact to second order."""
+    script = (
+        "import sys; sys.modules['kdops._C'] = None\n"
+        "import json, torch, kdops\n"
+        "from torch.autograd import gradcheck, gradgradcheck\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "s, t = (torch.randn(3, 5, dtype=torch.float64, generator=g, requires_grad=True)\n"
+        "        for _ in range(2))\n"
+        "tau = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)\n"
+        "fn = lambda s, t, tau: kdops.fused_kd_loss(s, t, temperature=tau, divergence='jsd')\n"
+        "ok = gradcheck(fn, (s, t, tau)) and gradgradcheck(fn, (s, t, tau))\n"
+        "print(json.dumps([kdops.backend_info()['kd_backward'], ok]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True).stdout
+    info, ok = json.loads(out.splitlines()[-1])
+    assert info == {"cpu": "portable", "cuda": info["cuda"], "autograd": "python"}
+    assert ok
