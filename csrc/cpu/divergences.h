@@ -86,7 +86,7 @@ struct JSD {
       const Vec<T> es = Vec<T>::loadu(e_s + i), et = Vec<T>::loadu(e_t + i);
       const Vec<T> va = Vec<T>::loadu(a + i), vbb = Vec<T>::loadu(b + i);
       const Vec<T> da = va - ps_a, db = vbb - pt_b;
-      const Vec<T> rr = vb * et.exp() * db + vnb * es.exp() * da;
+      const Vec<T> rr = vb * vec_exp(et) * db + vnb * vec_exp(es) * da;
       const Vec<T> ds = da - rr, dt = db - rr;
       const Vec<T> gs = vnb * ps * (es - ps_es), gt = vb * pt * (et - pt_et);
       ds.store(de_s + i);

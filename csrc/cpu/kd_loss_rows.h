@@ -70,8 +70,8 @@ Prepared<T> prepare(const Problem& p, Workspace<T>& w, int64_t r, const T* stats
       b.store(row.zt + i);
       la.store(row.ls + i);
       lb.store(row.lt + i);
-      la.exp().store(row.ps + i);
-      lb.exp().store(row.pt + i);
+      vec_exp(la).store(row.ps + i);
+      vec_exp(lb).store(row.pt + i);
     }
     return {row, ms, mt, ls, lt, xs};
   }
@@ -81,7 +81,7 @@ Prepared<T> prepare(const Problem& p, Workspace<T>& w, int64_t r, const T* stats
     const Vec<T> a = Vec<T>::loadu(row.zs + i) - vms, b = Vec<T>::loadu(row.zt + i) - vmt;
     a.store(row.zs + i);
     b.store(row.zt + i);
-    const Vec<T> ea = a.exp(), eb = b.exp();
+    const Vec<T> ea = vec_exp(a), eb = vec_exp(b);
     ea.store(row.ps + i);
     eb.store(row.pt + i);
     return std::array<Vec<T>, 2>{ea, eb};
@@ -124,7 +124,7 @@ inline bool row_valid(const Problem& p, int64_t r) {
 template <typename T>
 void hard_probs(const T* x, T* out, int64_t v, const T* stats, int64_t n, int64_t r) {
   const Vec<T> m(stats[MAX_HARD * n + r]), l(stats[LOG_HARD * n + r]);
-  fill(out, v, [&](int64_t i) { return ((load_tail(x, i, v) - m) - l).exp(); });
+  fill(out, v, [&](int64_t i) { return vec_exp((load_tail(x, i, v) - m) - l); });
 }
 
 // Σ g ⊙ z over a row, −inf entries of z counted as 0.
@@ -177,7 +177,8 @@ void forward_rows(const Problem& p, const ForwardOut& o, int64_t begin, int64_t 
       if (p.with_ce) {
         m1 = row_max(xs, v);
         const Vec<T> vm(m1);
-        l1 = std::log(row_sum<T>(v, [&](int64_t i) { return (load_tail(xs, i, v) - vm).exp(); }));
+        l1 = std::log(
+            row_sum<T>(v, [&](int64_t i) { return vec_exp(load_tail(xs, i, v) - vm); }));
         ce_out[r] = valid ? -((xs[p.labels[r]] - m1) - l1) : T(0);
       } else {
         ce_out[r] = 0;

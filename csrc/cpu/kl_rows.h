@@ -28,7 +28,7 @@ std::array<T, 3> kl_forward_row(const T* zs, const T* zt, int64_t v, T ms, T mt)
   const Vec<T> vms(ms), vmt(mt), lowest(std::numeric_limits<T>::lowest());
   const auto s = row_sums<T, 3>(0, v, [&](int64_t i) {
     const Vec<T> a = Vec<T>::loadu(zs + i) - vms, b = Vec<T>::loadu(zt + i) - vmt;
-    const Vec<T> ea = a.exp(), eb = b.exp();
+    const Vec<T> ea = vec_exp(a), eb = vec_exp(b);
     const Vec<T> d = at::vec::maximum(b, lowest) - at::vec::maximum(a, lowest);
     return std::array<Vec<T>, 3>{ea, eb, PIsTeacher ? eb * d : ea * d.neg()};
   });
@@ -64,7 +64,7 @@ inline KLVec<T> kl_vec(const KLRow<T>& k, int64_t i) {
   const Vec<T> b = load_tail(k.xt, i, k.v) / Vec<T>(k.tau_t) - Vec<T>(k.max_t);
   const Vec<T> la = at::vec::maximum(a - Vec<T>(k.log_s), lowest);
   const Vec<T> lb = at::vec::maximum(b - Vec<T>(k.log_t), lowest);
-  return {sv, a, b, la, lb, la.exp(), lb.exp()};
+  return {sv, a, b, la, lb, vec_exp(la), vec_exp(lb)};
 }
 
 // The backward of one row: the shared inputs, then its outputs and scratch.
@@ -99,7 +99,7 @@ std::array<T, 2> kl_backward_row(const KLBackwardRow<T>& k) {
     const Vec<T> gy = q - p;
     if (out_y) {
       Vec<T> o = coef_y * gy;
-      if (PIsTeacher && ce) o = o + g_ce * ((sv - m1) - l1).exp();
+      if (PIsTeacher && ce) o = o + g_ce * vec_exp((sv - m1) - l1);
       store_tail(o, out_y, i, v);
     }
     if (need_x) {
@@ -119,7 +119,7 @@ std::array<T, 2> kl_backward_row(const KLBackwardRow<T>& k) {
       const Vec<T> g = Vec<T>::loadu(k.p_x + i) * (Vec<T>::loadu(k.a_x + i) - d);
       if (out_x) {
         Vec<T> o = coef_x * g;
-        if (!PIsTeacher && ce) o = o + g_ce * ((load_tail(in.xs, i, v) - m1) - l1).exp();
+        if (!PIsTeacher && ce) o = o + g_ce * vec_exp((load_tail(in.xs, i, v) - m1) - l1);
         store_tail(o, out_x, i, v);
       }
       return g * zero_neg_inf(Vec<T>::loadu(k.z_x + i));
@@ -181,7 +181,7 @@ std::array<T, 4> kl_second_order_row(const KLSecondOrderRow<T>& k) {
     b.store(zt_ + i);
     Vec<T> p1_vs = zero;
     if (ce) {
-      const Vec<T> p1 = ((sv - m1) - l1).exp();
+      const Vec<T> p1 = vec_exp((sv - m1) - l1);
       p1.store(p1_ + i);
       p1_vs = vsv * p1;
     }

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "kd_loss_kernels.h"
+#include "vec_exp.h"
 
 namespace kdops::cpu::CPU_CAPABILITY {
 
