@@ -97,6 +97,8 @@ void double_backward_rows(const Problem& p, const DoubleBackwardIo& io, int64_t 
         k.label = p.with_ce && k.vs ? p.labels[r] : -1;
         k.out_s = io.d_student ? out_row(io.d_student, p.student_dtype, r, v, w.row(OUT)) : nullptr;
         k.out_t = io.d_teacher ? out_row(io.d_teacher, p.teacher_dtype, r, v, w.row(HT)) : nullptr;
+        k.need_tau_s = io.d_tau_s != nullptr;
+        k.need_tau_t = io.d_tau_t != nullptr;
         const int rows[8] = {PS, PT, LS, VA, VB, ZS, ZT, P1};
         for (int j = 0; j < 8; ++j) k.scratch[j] = w.row(rows[j]);
         const auto res = div.p_is_teacher ? kl_second_order_row<T, true>(k)

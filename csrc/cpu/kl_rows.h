@@ -145,6 +145,7 @@ struct KLSecondOrderRow {
   int64_t label;  // -1 without the cross-entropy term or without vs
   T* out_s;
   T* out_t;
+  bool need_tau_s, need_tau_t;  // ∂Φ/∂τ wanted (only they read the scaled logits back)
   T* scratch[8];  // P, Q, A, dx, dy, zs', zt', softmax(s)
 };
 
@@ -161,24 +162,28 @@ std::array<T, 4> kl_second_order_row(const KLSecondOrderRow<T>& k) {
   T* const zs_ = k.scratch[5];
   T* const zt_ = k.scratch[6];
   T* const p1_ = k.scratch[7];
+  // A side with neither cotangent has no direction: its scratch row is neither written nor read.
   const Vec<T> ts(in.tau_s), tt(in.tau_t), us(k.us), ut(k.ut), m1(in.max_hard), l1(in.log_hard);
   const Vec<T> zero(0);
   const bool ce = k.label >= 0;
+  const bool has_dir_s = k.vs || k.has_us, has_dir_t = k.vt || k.has_ut;
+  const bool has_dx = PIsTeacher ? has_dir_t : has_dir_s;
+  const bool has_dy = PIsTeacher ? has_dir_s : has_dir_t;
   const auto s1 = row_sums<T, 6>(0, v, [&](int64_t i) {
     const auto [sv, a, b, la, lb, pa, pb] = kl_vec(in, i);
     const Vec<T> vsv = k.vs ? load_tail(k.vs, i, v) : zero, vtv = k.vt ? load_tail(k.vt, i, v) : zero;
-    const Vec<T> dir_s = (k.has_us ? vsv - us * zero_neg_inf(a) : vsv) / ts;
-    const Vec<T> dir_t = (k.has_ut ? vtv - ut * zero_neg_inf(b) : vtv) / tt;
+    const Vec<T> dir_s = has_dir_s ? (k.has_us ? vsv - us * zero_neg_inf(a) : vsv) / ts : zero;
+    const Vec<T> dir_t = has_dir_t ? (k.has_ut ? vtv - ut * zero_neg_inf(b) : vtv) / tt : zero;
     const Vec<T> p = PIsTeacher ? pb : pa, q = PIsTeacher ? pa : pb;
     const Vec<T> ratio = PIsTeacher ? lb - la : la - lb;
     const Vec<T> dx = PIsTeacher ? dir_t : dir_s, dy = PIsTeacher ? dir_s : dir_t;
     p.store(p_ + i);
     q.store(q_ + i);
     ratio.store(a_ + i);
-    dx.store(dx_ + i);
-    dy.store(dy_ + i);
-    a.store(zs_ + i);
-    b.store(zt_ + i);
+    if (has_dx) dx.store(dx_ + i);
+    if (has_dy) dy.store(dy_ + i);
+    if (k.need_tau_s) a.store(zs_ + i);
+    if (k.need_tau_t) b.store(zt_ + i);
     Vec<T> p1_vs = zero;
     if (ce) {
       const Vec<T> p1 = vec_exp((sv - m1) - l1);
@@ -188,7 +193,6 @@ std::array<T, 4> kl_second_order_row(const KLSecondOrderRow<T>& k) {
     return std::array<Vec<T>, 6>{p * ratio, p * dx, p * dy, q * dy, (q - p) * dy, p1_vs};
   });
   const T d = s1[0];
-  const bool has_dx = PIsTeacher ? (k.vt || k.has_ut) : (k.vs || k.has_us);
   const T gx_dx = has_dx ? row_sum<T>(v, [&](int64_t i) {
     return Vec<T>::loadu(p_ + i) * (Vec<T>::loadu(a_ + i) - Vec<T>(d)) * Vec<T>::loadu(dx_ + i);
   }) : T(0);
@@ -197,14 +201,13 @@ std::array<T, 4> kl_second_order_row(const KLSecondOrderRow<T>& k) {
   const Vec<T> us2(2 * k.us), ut2(2 * k.ut), g_ce(in.grad_ce), one(1);
   const auto s3 = row_sums<T, 4>(0, v, [&](int64_t i) {
     const Vec<T> p = Vec<T>::loadu(p_ + i), q = Vec<T>::loadu(q_ + i);
-    const Vec<T> ratio = Vec<T>::loadu(a_ + i) - vd, dy = Vec<T>::loadu(dy_ + i);
-    const Vec<T> c = Vec<T>::loadu(dx_ + i) - p_dx;
+    const Vec<T> ratio = Vec<T>::loadu(a_ + i) - vd, dy = has_dy ? Vec<T>::loadu(dy_ + i) : zero;
+    const Vec<T> c = (has_dx ? Vec<T>::loadu(dx_ + i) : zero) - p_dx;
     const Vec<T> hx = p * (c * (ratio + one) - vgx_dx - dy + p_dy), hy = q * (dy - q_dy) - p * c;
     const Vec<T> gx = p * ratio, gy = q - p;
     const Vec<T> hs = PIsTeacher ? hy : hx, ht = PIsTeacher ? hx : hy;
     const Vec<T> gs = cs * (PIsTeacher ? gy : gx), gt = ct * (PIsTeacher ? gx : gy);
-    const Vec<T> zs = zero_neg_inf(Vec<T>::loadu(zs_ + i)), zt = zero_neg_inf(Vec<T>::loadu(zt_ + i));
-    const Vec<T> vsv = k.vs ? load_tail(k.vs, i, v) : zero, vtv = k.vt ? load_tail(k.vt, i, v) : zero;
+    const Vec<T> vsv = (ce || k.need_tau_s) && k.vs ? load_tail(k.vs, i, v) : zero;
     if (k.out_s) {
       Vec<T> o = cs * hs;
       if (k.has_us) o = o - us_ts * gs;
@@ -215,8 +218,19 @@ std::array<T, 4> kl_second_order_row(const KLSecondOrderRow<T>& k) {
       const Vec<T> o = ct * ht;
       store_tail(k.has_ut ? o - ut_tt * gt : o, k.out_t, i, v);
     }
-    return std::array<Vec<T>, 4>{(cs * hs) * zs, (k.has_us ? vsv - us2 * zs : vsv) * gs,
-                                 (ct * ht) * zt, (k.has_ut ? vtv - ut2 * zt : vtv) * gt};
+    std::array<Vec<T>, 4> tau_sums{zero, zero, zero, zero};
+    if (k.need_tau_s) {
+      const Vec<T> zs = zero_neg_inf(Vec<T>::loadu(zs_ + i));
+      tau_sums[0] = (cs * hs) * zs;
+      tau_sums[1] = (k.has_us ? vsv - us2 * zs : vsv) * gs;
+    }
+    if (k.need_tau_t) {
+      const Vec<T> zt = zero_neg_inf(Vec<T>::loadu(zt_ + i));
+      const Vec<T> vtv = k.vt ? load_tail(k.vt, i, v) : zero;
+      tau_sums[2] = (ct * ht) * zt;
+      tau_sums[3] = (k.has_ut ? vtv - ut2 * zt : vtv) * gt;
+    }
+    return tau_sums;
   });
   const T d_gce = ce ? s1[5] - k.vs[k.label] : T(0);
   return {gx_dx + s1[4], d_gce, -s3[0] - s3[1] / in.tau_s, -s3[2] - s3[3] / in.tau_t};

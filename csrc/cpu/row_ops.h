@@ -48,28 +48,25 @@ class Scratch {
   std::array<std::vector<T>, Rows> rows_;
 };
 
+// The loops below take the vector-wise body as a lambda. Flattening them inlines the body
+// (and what it calls) into the loop: the bodies are large, and GCC's size heuristics otherwise
+// call them out of line, passing every vector through memory (a fifth of the second-order op).
+#if defined(__GNUC__)
+#define KDOPS_FLATTEN __attribute__((flatten))
+#else
+#define KDOPS_FLATTEN
+#endif
+
 // out[i] = f(i) vector by vector, over the padded length.
 template <typename T, typename F>
-inline void fill(T* out, int64_t n, const F& f) {
+KDOPS_FLATTEN inline void fill(T* out, int64_t n, const F& f) {
   for (int64_t i = 0; i < n; i += kLanes<T>) f(i).store(out + i);
 }
 
-// K row sums Σ_i f(i)[k], f returning std::array<Vec<T>, K> for the vector at offset i.
-//
-// Summation order: blocks of kBlock values are summed with two vector accumulators per
-// output (each lane adds kBlock / (2·lanes) terms), and blocks are combined pairwise, so the
-// rounding error grows like log(n), not n; the order depends on n only.
+// K sums Σ_i f(i)[k] over one block of at most 64 vectors, two accumulators per sum.
 template <typename T, size_t K, typename F>
-std::array<T, K> row_sums(int64_t begin, int64_t end, const F& f) {
+KDOPS_FLATTEN std::array<T, K> block_sums(int64_t begin, int64_t end, const F& f) {
   constexpr int64_t L = kLanes<T>;
-  constexpr int64_t kBlock = 64 * L;
-  if (end - begin > kBlock) {
-    const int64_t half = begin + ((end - begin) / 2 + kBlock - 1) / kBlock * kBlock;
-    auto lo = row_sums<T, K>(begin, half, f);
-    auto hi = row_sums<T, K>(half, end, f);
-    for (size_t k = 0; k < K; ++k) lo[k] += hi[k];
-    return lo;
-  }
   std::array<Vec<T>, K> a{}, b{};
   int64_t i = begin;
   for (; i + 2 * L <= end; i += 2 * L) {
@@ -88,6 +85,22 @@ std::array<T, K> row_sums(int64_t begin, int64_t end, const F& f) {
     out[k] = at::vec::vec_reduce_all<T>([](Vec<T>& x, Vec<T>& y) { return x + y; }, a[k] + b[k]);
   }
   return out;
+}
+
+// K row sums Σ_i f(i)[k], f returning std::array<Vec<T>, K> for the vector at offset i.
+//
+// Summation order: blocks of kBlock values are summed with two vector accumulators per
+// output (each lane adds kBlock / (2·lanes) terms), and blocks are combined pairwise, so the
+// rounding error grows like log(n), not n; the order depends on n only.
+template <typename T, size_t K, typename F>
+std::array<T, K> row_sums(int64_t begin, int64_t end, const F& f) {
+  constexpr int64_t kBlock = 64 * kLanes<T>;
+  if (end - begin <= kBlock) return block_sums<T, K>(begin, end, f);
+  const int64_t half = begin + ((end - begin) / 2 + kBlock - 1) / kBlock * kBlock;
+  auto lo = row_sums<T, K>(begin, half, f);
+  const auto hi = row_sums<T, K>(half, end, f);
+  for (size_t k = 0; k < K; ++k) lo[k] += hi[k];
+  return lo;
 }
 
 template <typename T, typename F>
