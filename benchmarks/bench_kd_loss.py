@@ -110,4 +110,4 @@ def test_kd_loss(benchmark, inputs, mode, impl):
             mode=mode, impl=impl, shape=list(s.shape), dtype=str(dtype).removeprefix("torch."),
             threads=torch.get_num_threads(), torch=torch.__version__,
             peak_extra_nv_fp32=peak_extra(run, args, s.numel() * 4))
-        benchmark.pedantic(run, args=args, rounds=5 if s.numel() > 1e6 else 50, warmup_rounds=1)
+        benchmark.pedantic(run, args=args, rounds=10 if s.numel() > 1e6 else 50, warmup_rounds=1)
