@@ -39,9 +39,22 @@ using DoubleBackwardSignature = std::tuple<Tensor, Tensor, Tensor, Tensor, Tenso
 
 // The ops are defined from Python (kdops/_loss_ops.py) and looked up on first use.
 template <typename Signature>
-const c10::TypedOperatorHandle<Signature>& op(const char* name) {
-  static const auto handle =
-      c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+c10::TypedOperatorHandle<Signature> find(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+const c10::TypedOperatorHandle<ForwardSignature>& forward_op() {
+  static const auto handle = find<ForwardSignature>("kdops::kd_forward");
+  return handle;
+}
+
+const c10::TypedOperatorHandle<BackwardSignature>& backward_op() {
+  static const auto handle = find<BackwardSignature>("kdops::kd_backward");
+  return handle;
+}
+
+const c10::TypedOperatorHandle<DoubleBackwardSignature>& double_backward_op() {
+  static const auto handle = find<DoubleBackwardSignature>("kdops::kd_double_backward");
   return handle;
 }
 
@@ -97,7 +110,7 @@ struct KdDoubleBackward : torch::autograd::Function<KdDoubleBackward> {
   template <typename... Args>
   static variable_list forward(AutogradContext*, const Args&... args) {
     at::AutoDispatchBelowADInplaceOrView below;
-    const auto out = op<DoubleBackwardSignature>("kdops::kd_double_backward").call(args...);
+    const auto out = double_backward_op().call(args...);
     return std::apply([](const auto&... t) { return variable_list{t...}; }, out);
   }
   static variable_list backward(AutogradContext*, const variable_list&) {
@@ -118,14 +131,15 @@ struct KdBackward : torch::autograd::Function<KdBackward> {
                                int64_t ignore_index, c10::string_view divergence, double beta,
                                bool with_ce, std::array<bool, 4> output_mask) {
     at::AutoDispatchBelowADInplaceOrView below;
-    const auto [gs, gt, gts, gtt] = op<BackwardSignature>("kdops::kd_backward")
-                                        .call(grad_div, grad_ce, student, teacher, tau_s, tau_t,
-                                              labels, stats, ignore_index, divergence, beta,
-                                              with_ce, output_mask);
+    const auto [gs, gt, gts, gtt] =
+        backward_op().call(grad_div, grad_ce, student, teacher, tau_s, tau_t, labels, stats,
+                           ignore_index, divergence, beta, with_ce, output_mask);
     ctx->save_for_backward({grad_div, grad_ce, student, teacher, tau_s, tau_t,
                             labels.value_or(Tensor()), stats});
     Config{ignore_index, std::string(divergence), beta, with_ce}.save(ctx);
-    for (size_t i = 0; i < 4; ++i) ctx->saved_data["computed" + std::to_string(i)] = output_mask[i];
+    int64_t computed = 0;  // which outputs exist (the others are empty), one bit each
+    for (size_t i = 0; i < 4; ++i) computed |= int64_t{output_mask[i]} << i;
+    ctx->saved_data["computed"] = computed;
     // An unused gradient's cotangent stays undefined and reaches the op as None (no zeros).
     ctx->set_materialize_grads(false);
     return {gs, gt, gts, gtt};
@@ -134,9 +148,10 @@ struct KdBackward : torch::autograd::Function<KdBackward> {
   static variable_list backward(AutogradContext* ctx, const variable_list& cotangents) {
     const auto mask = wanted<6>(ctx);
     if (!any(mask)) return variable_list(kArgs);
+    const int64_t computed = ctx->saved_data["computed"].toInt();
     std::array<OptionalTensor, 4> v;
     for (size_t i = 0; i < 4; ++i) {
-      if (ctx->saved_data["computed" + std::to_string(i)].toBool()) v[i] = optional(cotangents[i]);
+      if ((computed >> i) & 1) v[i] = optional(cotangents[i]);
     }
     const auto s = ctx->get_saved_variables();
     const Config c = Config::load(ctx);
@@ -155,9 +170,8 @@ struct KdForward : torch::autograd::Function<KdForward> {
                                const OptionalTensor& labels, int64_t ignore_index,
                                c10::string_view divergence, double beta, bool with_ce) {
     at::AutoDispatchBelowADInplaceOrView below;
-    const auto [div, ce, stats] = op<ForwardSignature>("kdops::kd_forward")
-                                      .call(student, teacher, tau_s, tau_t, labels, ignore_index,
-                                            divergence, beta, with_ce);
+    const auto [div, ce, stats] = forward_op().call(student, teacher, tau_s, tau_t, labels,
+                                                    ignore_index, divergence, beta, with_ce);
     // The statistics are saved for the backward ops, whose formulas are total derivatives.
     ctx->mark_non_differentiable({stats});
     ctx->save_for_backward({student, teacher, tau_s, tau_t, labels.value_or(Tensor()), stats});
