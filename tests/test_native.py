@@ -13,6 +13,7 @@ import torch
 
 import kdops
 from kdops import _library
+from kdops import _loss_ops as kd_ops
 from cases import logits, mask_vocab, positive
 
 from conftest import NATIVE
@@ -125,6 +126,37 @@ def test_mixed_dtypes_match_portable(divergence, beta, dtypes):
         scale = b.double().abs().max().clamp(min=1)
         eps = torch.finfo(b.dtype).eps if b.dtype in (torch.bfloat16, torch.float16) else 0
         assert (a.double() - b.double()).abs().max() <= (tol + 2 * eps) * scale
+
+
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl"])
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_sixteen_bit_logits_read_as_their_float32_values(divergence, half):
+    """The KL kernels convert 16-bit logits (and cotangents) vector by vector as they load them:
+    every output of the three ops is bitwise that of the same values upcast to float32 first
+    (logit gradients then rounded to the logits' dtype), with a partial last vector, labels,
+    an ignored row and masked entries."""
+    n, v = 5, 1003
+    s = mask_vocab(logits(n, v, seed=21), [0, 500]).to(half)
+    t = mask_vocab(logits(n, v, seed=22), [0, 500]).to(half)
+    tau_s, tau_t = positive(n, seed=23), positive(n, seed=24)
+    labels = torch.randint(1, 500, (n,), generator=torch.Generator().manual_seed(25))
+    labels[3] = -100
+    cot = torch.randn(n, v, generator=torch.Generator().manual_seed(26)).to(half)
+    g_div, g_ce, u = positive(n, seed=27), positive(n, seed=28), positive(n, seed=29)
+    config = (labels, -100, divergence, 0.5, True)
+
+    def ops(s, t, cot):
+        div, ce, stats = kd_ops.kd_forward(s, t, tau_s, tau_t, *config)
+        grads = kd_ops.kd_backward(g_div, g_ce, s, t, tau_s, tau_t, labels, stats, *config[1:],
+                                   [True] * 4)
+        second = kd_ops.kd_double_backward(cot, cot, u, u, g_div, g_ce, s, t, tau_s, tau_t,
+                                           labels, stats, *config[1:], [True] * 6)
+        return (div, ce, stats, *grads, *second)
+
+    with torch.no_grad():
+        direct, upcast = ops(s, t, cot), ops(s.float(), t.float(), cot.float())
+    for a, b in zip(direct, upcast):
+        assert torch.equal(a, b.to(a.dtype))
 
 
 CAPABILITY_SCRIPT = """

@@ -25,21 +25,22 @@ template <typename T>
 struct Prepared {
   Row<T> row;
   T max_s, max_t, log_s, log_t;
-  const T* xs;  // the student logits at T = 1 (for the cross-entropy)
+  LogitsRow<T, false> xs;  // the student logits at T = 1 (for the cross-entropy)
 };
 
 // z = x / τ for both sides of row r, in one pass over the logits; returns the row maxima of zs
 // and zt and the student's row of logits.
-template <typename T>
-std::tuple<T, T, const T*> load_scaled(const Problem& p, Workspace<T>& w, int64_t r, T* zs, T* zt) {
+template <bool Convert, typename T>
+std::tuple<T, T, LogitsRow<T, Convert>> load_scaled(const Problem& p, Workspace<T>& w, int64_t r,
+                                                    T* zs, T* zt) {
   const int64_t v = p.v;
-  const T* xs = row_values(p.student, p.student_dtype, r, v, w.row(XS));
-  const T* xt = row_values(p.teacher, p.teacher_dtype, r, v, w.row(XT));
+  const auto xs = logits_row<Convert>(p.student, p.student_dtype, r, v, w.row(XS));
+  const auto xt = logits_row<Convert>(p.teacher, p.teacher_dtype, r, v, w.row(XT));
   const Vec<T> ts(static_cast<const T*>(p.tau_s)[r]), tt(static_cast<const T*>(p.tau_t)[r]);
   const Vec<T> ninf(-std::numeric_limits<T>::infinity());
   Vec<T> ms = ninf, mt = ninf;
   for (int64_t i = 0; i < v; i += kLanes<T>) {
-    const Vec<T> a = load_tail(xs, i, v) / ts, b = load_tail(xt, i, v) / tt;
+    const Vec<T> a = xs.load(i) / ts, b = xt.load(i) / tt;
     a.store(zs + i);
     b.store(zt + i);
     ms = at::vec::maximum(ms, Vec<T>::set(ninf, a, v - i));
@@ -57,7 +58,7 @@ template <typename T>
 Prepared<T> prepare(const Problem& p, Workspace<T>& w, int64_t r, const T* stats) {
   const int64_t v = p.v, n = p.n;
   Row<T> row{v, w.row(ZS), w.row(ZT), w.row(LS), w.row(LT), w.row(PS), w.row(PT)};
-  const auto [max_s, max_t, xs] = load_scaled(p, w, r, row.zs, row.zt);
+  const auto [max_s, max_t, xs] = load_scaled<false>(p, w, r, row.zs, row.zt);
   const Vec<T> lowest(std::numeric_limits<T>::lowest());
   if (stats) {
     const T ms = stats[MAX_S * n + r], mt = stats[MAX_T * n + r];
@@ -102,14 +103,31 @@ std::tuple<T, T, T> unpack3(const std::array<T, 3>& a) {
   return {a[0], a[1], a[2]};
 }
 
-// The inputs of a backward op's KL kernels for row r.
+// Whether the KL kernels read this problem's 16-bit logits converting as they load (float
+// computation only; see LogitsRow).
 template <typename T>
-KLRow<T> kl_row(const Problem& p, Workspace<T>& w, int64_t r, const T* stats, const T* grad_div,
-                const T* grad_ce) {
+bool converts(const Problem& p) {
+  return std::is_same_v<T, float> && (is_half(p.student_dtype) || is_half(p.teacher_dtype));
+}
+
+// Calls f(std::true_type{}) where the KL kernels convert 16-bit logits as they load them
+// (`converts`), else f(std::false_type{}).
+template <typename T, typename F>
+void with_conversion(const Problem& p, const F& f) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (converts<T>(p)) return f(std::true_type{});
+  }
+  f(std::false_type{});
+}
+
+// The inputs of a backward op's KL kernels for row r.
+template <bool Convert, typename T>
+KLRow<T, Convert> kl_row(const Problem& p, Workspace<T>& w, int64_t r, const T* stats,
+                         const T* grad_div, const T* grad_ce) {
   const int64_t n = p.n, v = p.v;
   const T tau_s = static_cast<const T*>(p.tau_s)[r], tau_t = static_cast<const T*>(p.tau_t)[r];
-  return {row_values(p.student, p.student_dtype, r, v, w.row(XS)),
-          row_values(p.teacher, p.teacher_dtype, r, v, w.row(XT)),
+  return {logits_row<Convert>(p.student, p.student_dtype, r, v, w.row(XS)),
+          logits_row<Convert>(p.teacher, p.teacher_dtype, r, v, w.row(XT)),
           v, tau_s, tau_t,
           stats[MAX_S * n + r], stats[MAX_T * n + r], stats[LOG_S * n + r], stats[LOG_T * n + r],
           grad_div[r] / tau_s, grad_div[r] / tau_t,
@@ -155,18 +173,24 @@ void forward_rows(const Problem& p, const ForwardOut& o, int64_t begin, int64_t 
     for (int64_t r = begin; r < end; ++r) {
       const bool valid = row_valid(p, r);
       T value, ms, mt, ls, lt;
-      const T* xs;
+      const T* x1 = nullptr;  // the student row at T = 1, for the cross-entropy
       if constexpr (std::is_same_v<std::decay_t<decltype(div)>, KL<T>>) {
         T* zs = w.row(ZS);
         T* zt = w.row(ZT);
-        std::tie(ms, mt, xs) = load_scaled(p, w, r, zs, zt);
+        with_conversion<T>(p, [&](auto convert) {
+          const auto [row_ms, row_mt, xs] = load_scaled<convert()>(p, w, r, zs, zt);
+          ms = row_ms;
+          mt = row_mt;
+          if (p.with_ce) x1 = xs.values(w.row(XS));
+        });
         std::tie(value, ls, lt) = div.p_is_teacher ? unpack3(kl_forward_row<T, true>(zs, zt, v, ms, mt))
                                                    : unpack3(kl_forward_row<T, false>(zs, zt, v, ms, mt));
       } else {
         const Prepared<T> x = prepare<T>(p, w, r, nullptr);
         div.prepare(x.row);
         value = div.value(x.row);
-        std::tie(ms, mt, ls, lt, xs) = std::tie(x.max_s, x.max_t, x.log_s, x.log_t, x.xs);
+        std::tie(ms, mt, ls, lt) = std::tie(x.max_s, x.max_t, x.log_s, x.log_t);
+        if (p.with_ce) x1 = x.xs.values(w.row(XS));
       }
       stats[MAX_S * n + r] = ms;
       stats[MAX_T * n + r] = mt;
@@ -175,11 +199,11 @@ void forward_rows(const Problem& p, const ForwardOut& o, int64_t begin, int64_t 
       div_out[r] = valid ? value : T(0);
       T m1 = 0, l1 = 0;
       if (p.with_ce) {
-        m1 = row_max(xs, v);
+        m1 = row_max(x1, v);
         const Vec<T> vm(m1);
         l1 = std::log(
-            row_sum<T>(v, [&](int64_t i) { return vec_exp(load_tail(xs, i, v) - vm); }));
-        ce_out[r] = valid ? -((xs[p.labels[r]] - m1) - l1) : T(0);
+            row_sum<T>(v, [&](int64_t i) { return vec_exp(load_tail(x1, i, v) - vm); }));
+        ce_out[r] = valid ? -((x1[p.labels[r]] - m1) - l1) : T(0);
       } else {
         ce_out[r] = 0;
       }
@@ -210,21 +234,24 @@ void backward_rows(const Problem& p, const BackwardIo& io, int64_t begin, int64_
         continue;
       }
       if constexpr (std::is_same_v<std::decay_t<decltype(div)>, KL<T>>) {
-        KLBackwardRow<T> k{};
-        k.in = kl_row(p, w, r, stats, grad_div, grad_ce);
-        k.label = p.with_ce ? p.labels[r] : -1;
-        k.out_s = io.grad_student ? out_row(io.grad_student, p.student_dtype, r, v, w.row(OUT)) : nullptr;
-        k.out_t = io.grad_teacher ? out_row(io.grad_teacher, p.teacher_dtype, r, v, w.row(GT)) : nullptr;
-        k.need_tau_s = io.grad_tau_s != nullptr;
-        k.need_tau_t = io.grad_tau_t != nullptr;
-        k.p_x = w.row(PS);
-        k.a_x = w.row(LS);
-        k.z_x = w.row(ZS);
-        const auto taus = div.p_is_teacher ? kl_backward_row<T, true>(k) : kl_backward_row<T, false>(k);
-        if (io.grad_tau_s) static_cast<T*>(io.grad_tau_s)[r] = taus[0];
-        if (io.grad_tau_t) static_cast<T*>(io.grad_tau_t)[r] = taus[1];
-        if (k.out_s) finish_out_row(k.out_s, io.grad_student, p.student_dtype, r, v);
-        if (k.out_t) finish_out_row(k.out_t, io.grad_teacher, p.teacher_dtype, r, v);
+        with_conversion<T>(p, [&](auto convert) {
+          KLBackwardRow<T, convert()> k{};
+          k.in = kl_row<convert()>(p, w, r, stats, grad_div, grad_ce);
+          k.label = p.with_ce ? p.labels[r] : -1;
+          if (io.grad_student) k.out_s = out_row(io.grad_student, p.student_dtype, r, v, w.row(OUT));
+          if (io.grad_teacher) k.out_t = out_row(io.grad_teacher, p.teacher_dtype, r, v, w.row(GT));
+          k.need_tau_s = io.grad_tau_s != nullptr;
+          k.need_tau_t = io.grad_tau_t != nullptr;
+          k.p_x = w.row(PS);
+          k.a_x = w.row(LS);
+          k.z_x = w.row(ZS);
+          const auto taus =
+              div.p_is_teacher ? kl_backward_row<T, true>(k) : kl_backward_row<T, false>(k);
+          if (io.grad_tau_s) static_cast<T*>(io.grad_tau_s)[r] = taus[0];
+          if (io.grad_tau_t) static_cast<T*>(io.grad_tau_t)[r] = taus[1];
+          if (k.out_s) finish_out_row(k.out_s, io.grad_student, p.student_dtype, r, v);
+          if (k.out_t) finish_out_row(k.out_t, io.grad_teacher, p.teacher_dtype, r, v);
+        });
       } else {
         const T coef_s = grad_div[r] / static_cast<const T*>(p.tau_s)[r];
         const T coef_t = grad_div[r] / static_cast<const T*>(p.tau_t)[r];
@@ -239,7 +266,7 @@ void backward_rows(const Problem& p, const BackwardIo& io, int64_t begin, int64_
         if (io.grad_student) {
           const Vec<T> c(coef_s);
           if (p.with_ce) {
-            hard_probs(x.xs, w.row(P1), v, stats, n, r);
+            hard_probs(x.xs.values(w.row(XS)), w.row(P1), v, stats, n, r);
             const Vec<T> g(grad_ce[r]);
             const T* p1 = w.row(P1);
             fill(out, v, [&](int64_t i) { return c * Vec<T>::loadu(dzs + i) + g * Vec<T>::loadu(p1 + i); });

@@ -86,30 +86,36 @@ void double_backward_rows(const Problem& p, const DoubleBackwardIo& io, int64_t 
       const T* us = static_cast<const T*>(io.v_tau_s);
       const T* ut = static_cast<const T*>(io.v_tau_t);
       if constexpr (std::is_same_v<std::decay_t<decltype(div)>, KL<T>>) {
-        KLSecondOrderRow<T> k{};
-        k.in = kl_row(p, w, r, stats, grad_div, grad_ce);
-        k.vs = io.v_student ? row_values(io.v_student, p.student_dtype, r, v, w.row(VS)) : nullptr;
-        k.vt = io.v_teacher ? row_values(io.v_teacher, p.teacher_dtype, r, v, w.row(VT)) : nullptr;
-        k.has_us = us != nullptr;
-        k.has_ut = ut != nullptr;
-        k.us = us ? us[r] : T(0);
-        k.ut = ut ? ut[r] : T(0);
-        k.label = p.with_ce && k.vs ? p.labels[r] : -1;
-        k.out_s = io.d_student ? out_row(io.d_student, p.student_dtype, r, v, w.row(OUT)) : nullptr;
-        k.out_t = io.d_teacher ? out_row(io.d_teacher, p.teacher_dtype, r, v, w.row(HT)) : nullptr;
-        k.need_tau_s = io.d_tau_s != nullptr;
-        k.need_tau_t = io.d_tau_t != nullptr;
-        const int rows[8] = {PS, PT, LS, VA, VB, ZS, ZT, P1};
-        for (int j = 0; j < 8; ++j) k.scratch[j] = w.row(rows[j]);
-        const auto res = div.p_is_teacher ? kl_second_order_row<T, true>(k)
-                                          : kl_second_order_row<T, false>(k);
-        T* const scalars[4] = {static_cast<T*>(io.d_grad_div), static_cast<T*>(io.d_grad_ce),
-                               static_cast<T*>(io.d_tau_s), static_cast<T*>(io.d_tau_t)};
-        for (int j = 0; j < 4; ++j) {
-          if (scalars[j]) scalars[j][r] = res[j];
-        }
-        if (k.out_s) finish_out_row(k.out_s, io.d_student, p.student_dtype, r, v);
-        if (k.out_t) finish_out_row(k.out_t, io.d_teacher, p.teacher_dtype, r, v);
+        with_conversion<T>(p, [&](auto convert) {
+          KLSecondOrderRow<T, convert()> k{};
+          k.in = kl_row<convert()>(p, w, r, stats, grad_div, grad_ce);
+          if (io.v_student) {
+            k.vs = logits_row<convert()>(io.v_student, p.student_dtype, r, v, w.row(VS));
+          }
+          if (io.v_teacher) {
+            k.vt = logits_row<convert()>(io.v_teacher, p.teacher_dtype, r, v, w.row(VT));
+          }
+          k.has_us = us != nullptr;
+          k.has_ut = ut != nullptr;
+          k.us = us ? us[r] : T(0);
+          k.ut = ut ? ut[r] : T(0);
+          k.label = p.with_ce && io.v_student ? p.labels[r] : -1;
+          if (io.d_student) k.out_s = out_row(io.d_student, p.student_dtype, r, v, w.row(OUT));
+          if (io.d_teacher) k.out_t = out_row(io.d_teacher, p.teacher_dtype, r, v, w.row(HT));
+          k.need_tau_s = io.d_tau_s != nullptr;
+          k.need_tau_t = io.d_tau_t != nullptr;
+          const int rows[8] = {PS, PT, LS, VA, VB, ZS, ZT, P1};
+          for (int j = 0; j < 8; ++j) k.scratch[j] = w.row(rows[j]);
+          const auto res = div.p_is_teacher ? kl_second_order_row<T, true>(k)
+                                            : kl_second_order_row<T, false>(k);
+          T* const scalars[4] = {static_cast<T*>(io.d_grad_div), static_cast<T*>(io.d_grad_ce),
+                                 static_cast<T*>(io.d_tau_s), static_cast<T*>(io.d_tau_t)};
+          for (int j = 0; j < 4; ++j) {
+            if (scalars[j]) scalars[j][r] = res[j];
+          }
+          if (k.out_s) finish_out_row(k.out_s, io.d_student, p.student_dtype, r, v);
+          if (k.out_t) finish_out_row(k.out_t, io.d_teacher, p.teacher_dtype, r, v);
+        });
       } else {
         const T ts = static_cast<const T*>(p.tau_s)[r], tt = static_cast<const T*>(p.tau_t)[r];
         const Prepared<T> x = prepare(p, w, r, stats);
@@ -137,7 +143,7 @@ void double_backward_rows(const Problem& p, const DoubleBackwardIo& io, int64_t 
         const bool ce = p.with_ce && vs;
         T p1_vs = 0;
         if (ce) {
-          hard_probs(x.xs, w.row(P1), v, stats, n, r);
+          hard_probs(x.xs.values(w.row(XS)), w.row(P1), v, stats, n, r);
           p1_vs = dot(vs, w.row(P1), v);
         }
         if (io.d_grad_ce) static_cast<T*>(io.d_grad_ce)[r] = ce ? p1_vs - vs[p.labels[r]] : T(0);

@@ -39,10 +39,10 @@ std::array<T, 3> kl_forward_row(const T* zs, const T* zt, int64_t v, T ms, T mt)
 
 // What the backward ops know of one row: its logits, temperatures, saved statistics and
 // cotangents.
-template <typename T>
+template <typename T, bool Convert>
 struct KLRow {
-  const T* xs;  // student logits (input memory or converted)
-  const T* xt;
+  LogitsRow<T, Convert> xs;  // student logits
+  LogitsRow<T, Convert> xt;
   int64_t v;
   T tau_s, tau_t, max_s, max_t, log_s, log_t;
   T coef_s, coef_t;  // gD / τ
@@ -56,21 +56,21 @@ struct KLVec {
   Vec<T> sv, a, b, la, lb, pa, pb;
 };
 
-template <typename T>
-inline KLVec<T> kl_vec(const KLRow<T>& k, int64_t i) {
+template <typename T, bool Convert>
+inline KLVec<T> kl_vec(const KLRow<T, Convert>& k, int64_t i) {
   const Vec<T> lowest(std::numeric_limits<T>::lowest());
-  const Vec<T> sv = load_tail(k.xs, i, k.v);
+  const Vec<T> sv = k.xs.load(i);
   const Vec<T> a = sv / Vec<T>(k.tau_s) - Vec<T>(k.max_s);
-  const Vec<T> b = load_tail(k.xt, i, k.v) / Vec<T>(k.tau_t) - Vec<T>(k.max_t);
+  const Vec<T> b = k.xt.load(i) / Vec<T>(k.tau_t) - Vec<T>(k.max_t);
   const Vec<T> la = at::vec::maximum(a - Vec<T>(k.log_s), lowest);
   const Vec<T> lb = at::vec::maximum(b - Vec<T>(k.log_t), lowest);
   return {sv, a, b, la, lb, vec_exp(la), vec_exp(lb)};
 }
 
 // The backward of one row: the shared inputs, then its outputs and scratch.
-template <typename T>
+template <typename T, bool Convert>
 struct KLBackwardRow {
-  KLRow<T> in;
+  KLRow<T, Convert> in;
   int64_t label;          // -1 without the cross-entropy term
   T* out_s;               // gradient rows (null when not wanted)
   T* out_t;
@@ -81,9 +81,9 @@ struct KLBackwardRow {
 };
 
 // Backward of one row; returns (∂/∂τs, ∂/∂τt) (zero when not wanted).
-template <typename T, bool PIsTeacher>
-std::array<T, 2> kl_backward_row(const KLBackwardRow<T>& k) {
-  const KLRow<T>& in = k.in;
+template <typename T, bool PIsTeacher, bool Convert>
+std::array<T, 2> kl_backward_row(const KLBackwardRow<T, Convert>& k) {
+  const KLRow<T, Convert>& in = k.in;
   const int64_t v = in.v;
   const Vec<T> g_ce(in.grad_ce), m1(in.max_hard), l1(in.log_hard);
   T* out_y = PIsTeacher ? k.out_s : k.out_t;
@@ -119,7 +119,7 @@ std::array<T, 2> kl_backward_row(const KLBackwardRow<T>& k) {
       const Vec<T> g = Vec<T>::loadu(k.p_x + i) * (Vec<T>::loadu(k.a_x + i) - d);
       if (out_x) {
         Vec<T> o = coef_x * g;
-        if (!PIsTeacher && ce) o = o + g_ce * vec_exp((load_tail(in.xs, i, v) - m1) - l1);
+        if (!PIsTeacher && ce) o = o + g_ce * vec_exp((in.xs.load(i) - m1) - l1);
         store_tail(o, out_x, i, v);
       }
       return g * zero_neg_inf(Vec<T>::loadu(k.z_x + i));
@@ -135,11 +135,11 @@ std::array<T, 2> kl_backward_row(const KLBackwardRow<T>& k) {
 //   H_x = P ⊙ (c ⊙ (A − D + 1) − ⟨∂D/∂x, dx⟩ − dy + ⟨P, dy⟩),   H_y = Q ⊙ (dy − ⟨Q, dy⟩) − P ⊙ c
 // Pass 1 streams the logits and cotangents and keeps the row in scratch, pass 2 (only with a
 // direction on x) forms ⟨∂D/∂x, dx⟩, pass 3 writes both gradient rows and the τ sums.
-template <typename T>
+template <typename T, bool Convert>
 struct KLSecondOrderRow {
-  KLRow<T> in;
-  const T* vs;  // cotangents of the logits' gradients (null = zero)
-  const T* vt;
+  KLRow<T, Convert> in;
+  LogitsRow<T, Convert> vs;  // cotangents of the logits' gradients (absent = zero)
+  LogitsRow<T, Convert> vt;
   bool has_us, has_ut;
   T us, ut;
   int64_t label;  // -1 without the cross-entropy term or without vs
@@ -150,9 +150,9 @@ struct KLSecondOrderRow {
 };
 
 // Returns (∂Φ/∂gD, ∂Φ/∂gCE, ∂Φ/∂τs, ∂Φ/∂τt).
-template <typename T, bool PIsTeacher>
-std::array<T, 4> kl_second_order_row(const KLSecondOrderRow<T>& k) {
-  const KLRow<T>& in = k.in;
+template <typename T, bool PIsTeacher, bool Convert>
+std::array<T, 4> kl_second_order_row(const KLSecondOrderRow<T, Convert>& k) {
+  const KLRow<T, Convert>& in = k.in;
   const int64_t v = in.v;
   T* const p_ = k.scratch[0];
   T* const q_ = k.scratch[1];
@@ -166,12 +166,12 @@ std::array<T, 4> kl_second_order_row(const KLSecondOrderRow<T>& k) {
   const Vec<T> ts(in.tau_s), tt(in.tau_t), us(k.us), ut(k.ut), m1(in.max_hard), l1(in.log_hard);
   const Vec<T> zero(0);
   const bool ce = k.label >= 0;
-  const bool has_dir_s = k.vs || k.has_us, has_dir_t = k.vt || k.has_ut;
+  const bool has_dir_s = bool(k.vs) || k.has_us, has_dir_t = bool(k.vt) || k.has_ut;
   const bool has_dx = PIsTeacher ? has_dir_t : has_dir_s;
   const bool has_dy = PIsTeacher ? has_dir_s : has_dir_t;
   const auto s1 = row_sums<T, 6>(0, v, [&](int64_t i) {
     const auto [sv, a, b, la, lb, pa, pb] = kl_vec(in, i);
-    const Vec<T> vsv = k.vs ? load_tail(k.vs, i, v) : zero, vtv = k.vt ? load_tail(k.vt, i, v) : zero;
+    const Vec<T> vsv = k.vs ? k.vs.load(i) : zero, vtv = k.vt ? k.vt.load(i) : zero;
     const Vec<T> dir_s = has_dir_s ? (k.has_us ? vsv - us * zero_neg_inf(a) : vsv) / ts : zero;
     const Vec<T> dir_t = has_dir_t ? (k.has_ut ? vtv - ut * zero_neg_inf(b) : vtv) / tt : zero;
     const Vec<T> p = PIsTeacher ? pb : pa, q = PIsTeacher ? pa : pb;
@@ -207,7 +207,7 @@ std::array<T, 4> kl_second_order_row(const KLSecondOrderRow<T>& k) {
     const Vec<T> gx = p * ratio, gy = q - p;
     const Vec<T> hs = PIsTeacher ? hy : hx, ht = PIsTeacher ? hx : hy;
     const Vec<T> gs = cs * (PIsTeacher ? gy : gx), gt = ct * (PIsTeacher ? gx : gy);
-    const Vec<T> vsv = (ce || k.need_tau_s) && k.vs ? load_tail(k.vs, i, v) : zero;
+    const Vec<T> vsv = (ce || k.need_tau_s) && k.vs ? k.vs.load(i) : zero;
     if (k.out_s) {
       Vec<T> o = cs * hs;
       if (k.has_us) o = o - us_ts * gs;
@@ -226,13 +226,13 @@ std::array<T, 4> kl_second_order_row(const KLSecondOrderRow<T>& k) {
     }
     if (k.need_tau_t) {
       const Vec<T> zt = zero_neg_inf(Vec<T>::loadu(zt_ + i));
-      const Vec<T> vtv = k.vt ? load_tail(k.vt, i, v) : zero;
+      const Vec<T> vtv = k.vt ? k.vt.load(i) : zero;
       tau_sums[2] = (ct * ht) * zt;
       tau_sums[3] = (k.has_ut ? vtv - ut2 * zt : vtv) * gt;
     }
     return tau_sums;
   });
-  const T d_gce = ce ? s1[5] - k.vs[k.label] : T(0);
+  const T d_gce = ce ? s1[5] - k.vs.at(k.label) : T(0);
   return {gx_dx + s1[4], d_gce, -s3[0] - s3[1] / in.tau_s, -s3[2] - s3[3] / in.tau_t};
 }
 

@@ -200,6 +200,70 @@ const T* row_values(const void* base, Dtype dtype, int64_t r, int64_t v, T* scra
   return scratch;
 }
 
+// A row of logits read in the compute type T. With Convert, a float computation reads
+// bfloat16 and float16 rows from the tensor's own memory and converts each vector as it loads
+// it (no conversion pass over the row, half the bytes read). Without it (and for any other
+// storage), a row whose dtype is not T is converted into a scratch row up front, and loads are
+// plain loads.
+template <typename T, bool Convert>
+struct LogitsRow {
+  const void* data = nullptr;   // the row's first value; null: no row (an absent cotangent)
+  Dtype dtype = dtype_of<T>();  // dtype_of<T>(), or BFloat16 / Half with Convert
+  int64_t v = 0;
+
+  explicit operator bool() const { return data != nullptr; }
+
+  T at(int64_t j) const {
+    if constexpr (Convert) {
+      if (dtype == Dtype::BFloat16) return static_cast<const c10::BFloat16*>(data)[j];
+      if (dtype == Dtype::Half) return static_cast<const c10::Half*>(data)[j];
+    }
+    return static_cast<const T*>(data)[j];
+  }
+
+  // The vector at offset i (the last one partial, zero-padded).
+  Vec<T> load(int64_t i) const {
+    if constexpr (Convert) {
+      if (dtype == Dtype::BFloat16) return load_float(static_cast<const c10::BFloat16*>(data), i);
+      if (dtype == Dtype::Half) return load_float(static_cast<const c10::Half*>(data), i);
+    }
+    return load_tail(static_cast<const T*>(data), i, v);
+  }
+
+  // The row as T values: its own memory, or converted into `scratch`.
+  const T* values(T* scratch) const {
+    if (dtype == dtype_of<T>()) return static_cast<const T*>(data);
+    load_row(data, dtype, 0, v, scratch);
+    return scratch;
+  }
+
+ private:
+  template <typename S>
+  Vec<T> load_float(const S* x, int64_t i) const {
+    Vec<T> out;
+    if (v - i >= kLanes<T>) {
+      at::vec::load_to_float(x + i, out);
+      return out;
+    }
+    T tail[kLanes<T>] = {};
+    for (int64_t j = 0; j < v - i; ++j) tail[j] = static_cast<T>(x[i + j]);
+    return Vec<T>::loadu(tail);
+  }
+};
+
+inline bool is_half(Dtype dtype) { return dtype == Dtype::BFloat16 || dtype == Dtype::Half; }
+
+template <bool Convert, typename T>
+LogitsRow<T, Convert> logits_row(const void* base, Dtype dtype, int64_t r, int64_t v,
+                                 T* scratch) {
+  if (dtype == dtype_of<T>()) return {static_cast<const T*>(base) + r * v, dtype, v};
+  if constexpr (Convert && std::is_same_v<T, float>) {
+    if (is_half(dtype)) return {static_cast<const char*>(base) + r * v * 2, dtype, v};
+  }
+  load_row(base, dtype, r, v, scratch);
+  return {scratch, dtype_of<T>(), v};
+}
+
 // Where to write row r of an output: the tensor's own memory when its dtype is T, else
 // `scratch`, to be converted by store_row afterwards.
 template <typename T>
