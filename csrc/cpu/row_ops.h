@@ -191,15 +191,6 @@ void load_row(const void* base, Dtype dtype, int64_t row, int64_t v, T* dst) {
   }
 }
 
-// Row r of a logits tensor in the compute type: the tensor's own memory when its dtype is T
-// (read it with load_tail), else its values converted into `scratch`.
-template <typename T>
-const T* row_values(const void* base, Dtype dtype, int64_t r, int64_t v, T* scratch) {
-  if (dtype == dtype_of<T>()) return static_cast<const T*>(base) + r * v;
-  load_row(base, dtype, r, v, scratch);
-  return scratch;
-}
-
 // A row of logits read in the compute type T. With Convert, a float computation reads
 // bfloat16 and float16 rows from the tensor's own memory and converts each vector as it loads
 // it (no conversion pass over the row, half the bytes read). Without it (and for any other
