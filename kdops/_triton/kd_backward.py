@@ -2,8 +2,8 @@
 import triton
 import triton.language as tl
 
-from .rows import (block_log_probs, hard_probs, jsd_logs, load_rows, load_stats, row_tile,
-                   row_validity, store_rounded)
+from .rows import (block_log_probs, divergence_sums, hard_probs, jsd_logs, load_rows, load_stats,
+                   row_tile, row_validity, store_rounded)
 
 
 @triton.jit
@@ -59,19 +59,9 @@ def kd_backward_kernel(
     mean_s = zero
     mean_t = zero
     if MEANS:
-        for start in range(0, v, BLOCK_V):
-            cols = start + cols0
-            mask, ls, ps, _, lt, pt, _ = block_log_probs(
-                s_ptr, t_ptr, s_stride, t_stride, rows, row_ok, cols, v, tau_s, tau_t,
-                ms, mt, log_ss, log_st, LOWEST)
-            if KIND == 0:
-                mean_t += tl.sum(pt * (lt - ls), 1)
-            elif KIND == 1:
-                mean_s += tl.sum(ps * (ls - lt), 1)
-            else:
-                e_s, e_t = jsd_logs(ls, lt, beta)
-                mean_s += tl.sum(ps * e_s, 1)
-                mean_t += tl.sum(pt * e_t, 1)
+        mean_s, mean_t = divergence_sums(s_ptr, t_ptr, s_stride, t_stride, rows, row_ok, v,
+                                         tau_s, tau_t, ms, mt, log_ss, log_st, beta, KIND, ROWS,
+                                         BLOCK_V, LOWEST)
     if WITH_CE:
         g_ce = tl.where(valid, load_rows(gce_ptr, gce_stride, rows, row_ok), 0.0)
     dot_s = zero

@@ -6,7 +6,7 @@ KIND selects the divergence: 0 = KL(pt‖ps) (``kl``, ``jsd`` with β = 0), 1 = 
 import triton
 import triton.language as tl
 
-from .rows import (block_log_probs, jsd_logs, load_rows, load_z, online_lse, row_tile,
+from .rows import (divergence_sums, load_rows, load_z, online_lse, row_tile,
                    row_validity)
 
 
@@ -90,16 +90,9 @@ def kd_forward_kernel(
         d = w / ss - log_ss + log_st
     else:
         beta = tl.load(beta_ptr).to(tau_s.dtype)
-        acc_s = zero
-        acc_t = zero
-        for start in range(0, v, BLOCK_V):
-            cols = start + cols0
-            mask, ls, ps, _, lt, pt, _ = block_log_probs(
-                s_ptr, t_ptr, s_stride, t_stride, rows, row_ok, cols, v, tau_s, tau_t,
-                ms, mt, log_ss, log_st, LOWEST)
-            e_s, e_t = jsd_logs(ls, lt, beta)
-            acc_s += tl.sum(ps * e_s, 1)
-            acc_t += tl.sum(pt * e_t, 1)
+        acc_s, acc_t = divergence_sums(s_ptr, t_ptr, s_stride, t_stride, rows, row_ok, v, tau_s,
+                                       tau_t, ms, mt, log_ss, log_st, beta, KIND, ROWS, BLOCK_V,
+                                       LOWEST)
         d = beta * acc_t + (1.0 - beta) * acc_s
     tl.store(div_ptr + rows, tl.where(valid, d, 0.0), mask=row_ok)
     tl.store(stats_ptr + rows, ms, mask=row_ok)

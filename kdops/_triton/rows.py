@@ -107,6 +107,32 @@ def jsd_logs(ls, lt, beta):
 
 
 @triton.jit
+def divergence_sums(s_ptr, t_ptr, s_stride, t_stride, rows, row_ok, v, tau_s, tau_t, ms, mt,
+                    log_ss, log_st, beta, KIND: tl.constexpr, ROWS: tl.constexpr,
+                    BLOCK_V: tl.constexpr, LOWEST: tl.constexpr):
+    """The row sums whose combination is the divergence, one pass over the row from its
+    statistics: (⟨ps, e_s⟩, ⟨pt, e_t⟩) for the JSD (`jsd_logs`); (0, ⟨pt, lt − ls⟩) for KL and
+    (⟨ps, ls − lt⟩, 0) for reverse KL (KIND 0, 1, 2 as in `launch`)."""
+    sum_s = tl.zeros([ROWS], dtype=tau_s.dtype)
+    sum_t = tl.zeros([ROWS], dtype=tau_s.dtype)
+    cols0 = tl.arange(0, BLOCK_V)
+    for start in range(0, v, BLOCK_V):
+        cols = start + cols0
+        mask, ls, ps, _, lt, pt, _ = block_log_probs(
+            s_ptr, t_ptr, s_stride, t_stride, rows, row_ok, cols, v, tau_s, tau_t,
+            ms, mt, log_ss, log_st, LOWEST)
+        if KIND == 0:
+            sum_t += tl.sum(pt * (lt - ls), 1)
+        elif KIND == 1:
+            sum_s += tl.sum(ps * (ls - lt), 1)
+        else:
+            e_s, e_t = jsd_logs(ls, lt, beta)
+            sum_s += tl.sum(ps * e_s, 1)
+            sum_t += tl.sum(pt * e_t, 1)
+    return sum_s, sum_t
+
+
+@triton.jit
 def load_stats(stats_ptr, n, rows, row_ok):
     """The six [N] rows of the saved statistics (see kdops._loss_ops) for this tile."""
     ms = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
