@@ -37,36 +37,43 @@ class KLDivergence:
     def __init__(self, p_is_teacher: bool):
         self.p_is_teacher = p_is_teacher
 
-    def _pq(self, rows):
-        if self.p_is_teacher:
-            return rows.pt, rows.logpt, rows.ps, rows.logps
-        return rows.ps, rows.logps, rows.pt, rows.logpt
+    def _p(self, rows) -> Tensor:
+        return rows.pt if self.p_is_teacher else rows.ps
+
+    def _q(self, rows) -> Tensor:
+        return rows.ps if self.p_is_teacher else rows.pt
 
     def _swap(self, d_student, d_teacher):
         """Map (d_x, d_y) <-> (d_student, d_teacher)."""
         return (d_teacher, d_student) if self.p_is_teacher else (d_student, d_teacher)
 
     def _terms(self, rows):
-        """(P, Q, A [R, V], D [R, 1]) of a block, computed once per block."""
+        """(A [R, V], D [R, 1]) of a block, formed once per block and only where used: the
+        value needs P but not Q, the gradient to y needs neither A nor D."""
         key = ("kl", self.p_is_teacher)
         if key not in rows.memo:
-            p, logp, q, logq = self._pq(rows)
-            log_ratio = logp - logq
-            rows.memo[key] = (p, q, log_ratio, _dot(p, log_ratio))
+            log_ratio = rows.logpt - rows.logps if self.p_is_teacher else rows.logps - rows.logpt
+            rows.memo[key] = (log_ratio, _dot(self._p(rows), log_ratio))
         return rows.memo[key]
 
     def value(self, rows) -> Tensor:
-        return self._terms(rows)[3].squeeze(-1)
+        return self._terms(rows)[1].squeeze(-1)
 
     def grads(self, rows, need_student: bool, need_teacher: bool):
         """(∂D/∂z_student, ∂D/∂z_teacher); an entry is None when not needed."""
-        p, q, log_ratio, value = self._terms(rows)
         need_x, need_y = self._swap(need_student, need_teacher)
-        return self._swap(p * (log_ratio - value) if need_x else None, q - p if need_y else None)
+        gx = gy = None
+        if need_x:
+            log_ratio, value = self._terms(rows)
+            gx = self._p(rows) * (log_ratio - value)
+        if need_y:
+            gy = self._q(rows) - self._p(rows)
+        return self._swap(gx, gy)
 
     def hvp(self, rows, a: Tensor, b: Tensor):
         """(⟨a, ∂D/∂zs⟩ + ⟨b, ∂D/∂zt⟩ per row, H_student, H_teacher, ∂D/∂zs, ∂D/∂zt)."""
-        p, q, log_ratio, value = self._terms(rows)
+        p, q = self._p(rows), self._q(rows)
+        log_ratio, value = self._terms(rows)
         dx, dy = self._swap(a, b)
         ratio = log_ratio - value
         gx, gy = p * ratio, q - p
