@@ -82,7 +82,10 @@ def _(v_student, v_teacher, v_tau_s, v_tau_t, grad_div, grad_ce, student, teache
     )
 
 
-def _forward_setup(ctx, inputs, output):
+# The autograd formulas, shared by the Python twin below and by the torch.func path
+# (`_loss_func`), which pass the op that computes each derivative.
+
+def forward_setup(ctx, inputs, output):
     student, teacher, tau_s, tau_t, labels, *config = inputs
     stats = output[2]
     ctx.mark_non_differentiable(stats)
@@ -90,43 +93,52 @@ def _forward_setup(ctx, inputs, output):
     ctx.config = config
 
 
-def _forward_backward(ctx, grad_div, grad_ce, _stats_grad):
-    tensors = ctx.saved_tensors
+def forward_backward(ctx, backward_op, grad_div, grad_ce):
+    """Gradients of kd_forward's inputs, computed by `backward_op` (kd_backward's signature)."""
     mask = wanted_grads(ctx, ctx.needs_input_grad[:4])
     if not any(mask):
         return (None,) * 9
-    grads = kd_backward(grad_div, grad_ce, *tensors, *ctx.config, mask)
+    grads = backward_op(grad_div, grad_ce, *ctx.saved_tensors, *ctx.config, mask)
     return (*(g if m else None for g, m in zip(grads, mask)), None, None, None, None, None)
 
 
-def _backward_setup(ctx, inputs, output):
+def backward_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:8])
     ctx.config = inputs[8:12]
     ctx.computed = inputs[12]
 
 
-def _backward_backward(ctx, *cotangents):
+def backward_backward(ctx, double_backward_op, cotangents):
+    """Gradients of kd_backward's inputs, computed by `double_backward_op`."""
     mask = wanted_grads(ctx, ctx.needs_input_grad[:6])
     if not any(mask):
         return (None,) * 13
     vs = [v if done else None for v, done in zip(cotangents, ctx.computed)]
-    grads = kd_double_backward(*vs, *ctx.saved_tensors, *ctx.config, mask)
+    grads = double_backward_op(*vs, *ctx.saved_tensors, *ctx.config, mask)
     return (*(g if m else None for g, m in zip(grads, mask)),) + (None,) * 7
 
 
-def _third_order(ctx, *grads):
+def third_order(*_):
     raise NotImplementedError(
         "kdops: third-order derivatives of fused_kd_loss are not implemented "
         "(kd_double_backward is exact but not itself differentiable)"
     )
 
 
+def _forward_backward(ctx, grad_div, grad_ce, _stats_grad):
+    return forward_backward(ctx, kd_backward, grad_div, grad_ce)
+
+
+def _backward_backward(ctx, *cotangents):
+    return backward_backward(ctx, kd_double_backward, cotangents)
+
+
 def register_autograd(lib: torch.library.Library) -> None:
     """Register the autograd formulas above on `lib`: the Python twin of the compiled
     extension's (csrc/kd_loss_autograd.cpp), used where the extension is absent."""
-    for name, backward, setup in (("kd_forward", _forward_backward, _forward_setup),
-                                  ("kd_backward", _backward_backward, _backward_setup),
-                                  ("kd_double_backward", _third_order, _no_setup)):
+    for name, backward, setup in (("kd_forward", _forward_backward, forward_setup),
+                                  ("kd_backward", _backward_backward, backward_setup),
+                                  ("kd_double_backward", third_order, _no_setup)):
         torch.library.register_autograd(f"kdops::{name}", backward, setup_context=setup, lib=lib)
 
 

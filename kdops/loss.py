@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _grad_in_forward
-from . import _loss_ops as _ops
+from . import _loss_func
 
 Scalar = Union[float, Tensor]
 
@@ -151,6 +151,10 @@ def fused_kd_loss(
     (without ``alpha`` just ``c · D``). Differentiable to second order with respect to the
     student and teacher logits and both temperatures (also the scale and alpha when tensors).
 
+    Works inside ``torch.func`` reverse-mode transforms and vmap (``grad``, ``vjp``,
+    ``jacrev``, ``vmap`` and their nestings; not with ``grad_in_forward``); forward-mode
+    transforms (``jvp``, ``jacfwd``, ``hessian``) raise NotImplementedError.
+
     Args:
         student_logits: [..., V] floating tensor (float32, bfloat16, float16 or float64).
         teacher_logits: [..., V], same shape and device; its dtype may differ from the student's.
@@ -212,7 +216,7 @@ def fused_kd_loss(
                                          alpha=alpha)
 
     with torch.no_grad() if grad_in_forward else contextlib.nullcontext():
-        div, ce, stats = _ops.kd_forward(s, t, tau_s, tau_t, flat_labels, ignore_index,
+        div, ce, stats = _loss_func.kd_forward(s, t, tau_s, tau_t, flat_labels, ignore_index,
                                          divergence, float(beta), with_ce)
 
     if scale is None:
