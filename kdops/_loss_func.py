@@ -29,24 +29,6 @@ def _transformed() -> bool:
             and torch._C._functorch.peek_interpreter_stack() is not None)
 
 
-def kd_forward(*args):
-    """kdops::kd_forward, through `_Forward` inside a torch.func transform."""
-    return _Forward.apply(*args) if _transformed() else _ops.kd_forward(*args)
-
-
-def _kd_backward(*args):
-    return _Backward.apply(*args) if _transformed() else _ops.kd_backward(*args)
-
-
-def _kd_double_backward(*args):
-    return _DoubleBackward.apply(*args) if _transformed() else _ops.kd_double_backward(*args)
-
-
-def _fold(x, dim, size):
-    """x with its vmapped dim (None: not batched) moved to the front, or x repeated size times."""
-    return x.expand(size, *x.shape) if dim is None else x.movedim(dim, 0)
-
-
 def _vmapped(op, info, in_dims, args, mask, logits_at, stats_in=None, stats_out=None):
     """Calls `op` once with the vmapped dim folded into the rows; returns the batched outputs
     and their dims. Per-row tensors [N, ...] go in as [B·N, ...] and the [6, N] statistics
@@ -56,7 +38,7 @@ def _vmapped(op, info, in_dims, args, mask, logits_at, stats_in=None, stats_out=
     rows = list(args)
     for k, (x, dim) in enumerate(zip(args, in_dims)):
         if isinstance(x, torch.Tensor):
-            x = _fold(x, dim, size)
+            x = x.expand(size, *x.shape) if dim is None else x.movedim(dim, 0)
             rows[k] = x.transpose(0, 1).reshape(6, -1) if k == stats_in else x.flatten(0, 1)
     n = rows[logits_at].shape[0] // size
     batched, dims = [], []
@@ -73,52 +55,36 @@ def _vmapped(op, info, in_dims, args, mask, logits_at, stats_in=None, stats_out=
     return tuple(batched), tuple(dims)
 
 
-class _Forward(torch.autograd.Function):
-    setup_context = staticmethod(_ops.forward_setup)
+def _transformable(name, op, setup_context, backward, *, logits_at, stats_in=None,
+                   stats_out=None):
+    """`op`, called through an autograd.Function named `name` while a transform is active.
 
-    @staticmethod
-    def forward(*args):
-        return kd_forward(*args)
+    The Function's forward is the returned function again (one level down), its
+    `setup_context` and `backward` are given, and its vmap rule is `_vmapped`: the backward
+    ops' last argument is their output mask, kd_forward computes all three outputs."""
+    def call(*args):
+        return function.apply(*args) if _transformed() else op(*args)
 
-    @staticmethod
-    def backward(ctx, grad_div, grad_ce, _stats_grad):
-        return _ops.forward_backward(ctx, _kd_backward, grad_div, grad_ce)
-
-    @staticmethod
     def vmap(info, in_dims, *args):
-        return _vmapped(kd_forward, info, in_dims, args, (True, True, True), logits_at=0,
-                        stats_out=2)
+        mask = args[-1] if stats_in is not None else (True, True, True)
+        return _vmapped(call, info, in_dims, args, mask, logits_at, stats_in, stats_out)
+
+    function = type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(call), "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward), "vmap": staticmethod(vmap)})
+    return call
 
 
-class _Backward(torch.autograd.Function):
-    setup_context = staticmethod(_ops.backward_setup)
-
-    @staticmethod
-    def forward(*args):
-        return _kd_backward(*args)
-
-    @staticmethod
-    def backward(ctx, *cotangents):
-        return _ops.backward_backward(ctx, _kd_double_backward, cotangents)
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return _vmapped(_kd_backward, info, in_dims, args, args[-1], logits_at=2, stats_in=7)
-
-
-class _DoubleBackward(torch.autograd.Function):
-    backward = staticmethod(_ops.third_order)
-
-    @staticmethod
-    def forward(*args):
-        return _kd_double_backward(*args)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return _vmapped(_kd_double_backward, info, in_dims, args, args[-1], logits_at=6,
-                        stats_in=11)
-
+_kd_double_backward = _transformable(
+    "_DoubleBackward", _ops.kd_double_backward, _ops.no_setup, _ops.third_order,
+    logits_at=6, stats_in=11)
+_kd_backward = _transformable(
+    "_Backward", _ops.kd_backward, _ops.backward_setup,
+    lambda ctx, *cotangents: _ops.backward_backward(ctx, _kd_double_backward, cotangents),
+    logits_at=2, stats_in=7)
+kd_forward = _transformable(
+    "_Forward", _ops.kd_forward, _ops.forward_setup,
+    lambda ctx, grad_div, grad_ce, _stats_grad: _ops.forward_backward(
+        ctx, _kd_backward, grad_div, grad_ce),
+    logits_at=0, stats_out=2)
+kd_forward.__doc__ = "kdops::kd_forward, through an autograd.Function inside torch.func transforms."

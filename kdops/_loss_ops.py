@@ -138,11 +138,11 @@ def register_autograd(lib: torch.library.Library) -> None:
     extension's (csrc/kd_loss_autograd.cpp), used where the extension is absent."""
     for name, backward, setup in (("kd_forward", _forward_backward, forward_setup),
                                   ("kd_backward", _backward_backward, backward_setup),
-                                  ("kd_double_backward", third_order, _no_setup)):
+                                  ("kd_double_backward", third_order, no_setup)):
         torch.library.register_autograd(f"kdops::{name}", backward, setup_context=setup, lib=lib)
 
 
-def _no_setup(ctx, inputs, output):
+def no_setup(ctx, inputs, output):
     pass
 
 
