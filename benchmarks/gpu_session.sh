@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Everything kdops checks on a GPU machine, in stages, for one call of a lent device:
+#
+#   OUT=/tmp/kdops-gpu KDOPS_GIT_SHA=$(git rev-parse HEAD) \
+#       bash benchmarks/gpu_session.sh build gpu_tests sanitize bench_kd bench_pilot bench_meta
+#
+# build        compiles kdops._C with the CUDA kernels for sm_90 in place (skipped when a
+#              build for this Python is already there) and copies it to $OUT
+# gpu_tests    the GPU tests: Triton kernels against float64, 64-bit offsets, no host sync,
+#              the CUDA pilot kernels bit for bit against the CPU ones, one launch per direction
+# sanitize     compute-sanitizer memcheck over one run of each kernel (tests/sanitize_kernels.py)
+# bench_kd     benchmarks/bench_kd_loss_gpu.py (KDOPS_BENCH_SHAPES / _DTYPES pick a subset)
+# bench_pilot  benchmarks/bench_pilot_sgd.py on the GPU
+# bench_meta   benchmarks/bench_meta_step.py on the GPU
+#
+# Logs and pytest-benchmark JSON go to $OUT; each JSON gets the git sha in its commit_info
+# (the device copy of the tree has no .git). Liger-Kernel is used when a wheel is carried in
+# .whl/. A failing stage is reported and the next one still runs; the exit status is the
+# number of failed stages.
+set -uo pipefail
+OUT=${OUT:?set OUT to the folder for logs and results}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 KDOPS_BENCH_DEVICE=cuda
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
+        export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+# "h100" for "NVIDIA H100 80GB HBM3": the prefix of the result files
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | awk '{print tolower($2)}')
+failed=0
+summary=()
+
+stamp() {  # the git sha into a pytest-benchmark JSON's commit_info
+    python3 - "$1" <<'EOF'
+import json, os, sys
+path = sys.argv[1]
+data = json.load(open(path))
+data["commit_info"] = {"id": os.environ.get("KDOPS_GIT_SHA", "unknown"), "project": "kdops"}
+json.dump(data, open(path, "w"), indent=1)
+EOF
+}
+
+build() {
+    if ! compgen -G "kdops/_C.cpython-312*.so" > /dev/null; then
+        TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 python3 setup.py -q build_ext --inplace || return 1
+    fi
+    cp kdops/_C.cpython-312*.so "$OUT"/
+    python3 -c "import kdops, json; print(json.dumps(kdops.backend_info()))"
+}
+
+gpu_tests() {
+    python3 -m pytest -q -n 8 tests/test_triton.py tests/test_pilot.py --junitxml="$OUT/gpu-tests.xml"
+}
+
+sanitize() {
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
+        python3 tests/sanitize_kernels.py
+}
+
+bench() {  # bench <suite> <json name>
+    python3 -m pytest -q "benchmarks/$1" --benchmark-json="$OUT/$2" \
+        --benchmark-columns=median,iqr,rounds --benchmark-sort=name &&
+        stamp "$OUT/$2"
+}
+
+bench_kd() { bench bench_kd_loss_gpu.py "$GPU-kd_loss${KDOPS_BENCH_TAG:-}.json"; }
+bench_pilot() { bench bench_pilot_sgd.py "$GPU-pilot_sgd.json"; }
+bench_meta() { bench bench_meta_step.py "$GPU-meta_step.json"; }
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+python3 -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__, triton.__version__)"
+for stage in "$@"; do
+    start=$SECONDS
+    "$stage" 2>&1 | tee "$OUT/$stage.log"
+    status=${PIPESTATUS[0]}
+    [ "$status" -ne 0 ] && failed=$((failed + 1))
+    summary+=("$(printf '%-12s exit %-3s %5ss' "$stage" "$status" $((SECONDS - start)))")
+done
+printf '%s\n' "${summary[@]}"
+exit "$failed"
