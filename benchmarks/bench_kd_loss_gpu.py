@@ -40,6 +40,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._inductor.exc import InductorError
 
 import kdops
 from kdops import _library, reference
@@ -157,13 +158,25 @@ def test_kd_loss_gpu(benchmark, inputs, copy_bandwidth, divergence, mode, impl):
     context = _library.triton_on_cpu() if on_cpu else contextlib.nullcontext()
     rows = tuple(x[:CHECK_ROWS] for x in inputs)
     tol = dict(rtol=3e-2, atol=1e-3) if s.dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-6)
+    compile_options = None
     with context:
         try:
             for got, want in zip(run(fn, *rows), run(_eager(divergence),
                                                      *(x.double() for x in rows))):
                 torch.testing.assert_close(got.double(), want, **tol)
             args = (fn, s, t, cot)
-            peak = peak_extra(run, args, s.numel() * s.element_size(), DEVICE)
+            try:
+                peak = peak_extra(run, args, s.numel() * s.element_size(), DEVICE)
+            except InductorError:
+                if impl != "compile":
+                    raise
+                # Inductor (torch 2.11, Triton 3.6, sm_90) fails to build a persistent
+                # reduction of the bf16 backward at V = 128256 ("PassManager::run failed"):
+                # compile it again without persistent reductions, and say so below.
+                compile_options = {"triton.persistent_reductions": False}
+                args = (torch.compile(_eager(divergence), dynamic=False,
+                                      options=compile_options), s, t, cot)
+                peak = peak_extra(run, args, s.numel() * s.element_size(), DEVICE)
             benchmark.group = f"{divergence} {mode} {s.shape[0]}x{s.shape[1]} {s.dtype}"
             benchmark.pedantic(run, args=args, rounds=10 if s.numel() > 1e8 else 30,
                                warmup_rounds=2)
@@ -175,7 +188,8 @@ def test_kd_loss_gpu(benchmark, inputs, copy_bandwidth, divergence, mode, impl):
         mode=mode, impl=impl, divergence=divergence, shape=list(s.shape),
         dtype=str(s.dtype).removeprefix("torch."), device=DEVICE_NAME, torch=torch.__version__,
         triton=_version("triton"), liger=_version("liger_kernel"),
-        peak_extra_nv=peak, bytes_moved=moved, copy_gb_per_s=round(copy_bandwidth / 1e9, 1),
+        compile_options=compile_options, peak_extra_nv=peak, bytes_moved=moved,
+        copy_gb_per_s=round(copy_bandwidth / 1e9, 1),
         gb_per_s=round(achieved / 1e9, 1) if achieved else None,
         fraction_of_copy=round(achieved / copy_bandwidth, 3) if achieved else None)
 

@@ -4,19 +4,20 @@
 #   OUT=/tmp/kdops-gpu KDOPS_GIT_SHA=$(git rev-parse HEAD) \
 #       bash benchmarks/gpu_session.sh build gpu_tests sanitize bench_kd bench_pilot bench_meta
 #
-# build        compiles kdops._C with the CUDA kernels for sm_90 in place (skipped when a
-#              build for this Python is already there) and copies it to $OUT
+# build        compiles kdops._C with the CUDA kernels for sm_90 in place and copies it,
+#              stripped, to $OUT (to carry next time: skipped when a build is already there)
 # gpu_tests    the GPU tests: Triton kernels against float64, 64-bit offsets, no host sync,
 #              the CUDA pilot kernels bit for bit against the CPU ones, one launch per direction
 # sanitize     compute-sanitizer memcheck over one run of each kernel (tests/sanitize_kernels.py)
-# bench_kd     benchmarks/bench_kd_loss_gpu.py (KDOPS_BENCH_SHAPES / _DTYPES pick a subset)
+# bench_kd     benchmarks/bench_kd_loss_gpu.py (KDOPS_BENCH_SHAPES / _DTYPES pick a subset,
+#              KDOPS_BENCH_K a pytest -k expression, KDOPS_BENCH_TAG a suffix of its JSON)
 # bench_pilot  benchmarks/bench_pilot_sgd.py on the GPU
 # bench_meta   benchmarks/bench_meta_step.py on the GPU
 #
-# Logs and pytest-benchmark JSON go to $OUT; each JSON gets the git sha in its commit_info
-# (the device copy of the tree has no .git). Liger-Kernel is used when a wheel is carried in
-# .whl/. A failing stage is reported and the next one still runs; the exit status is the
-# number of failed stages.
+# Every stage's output goes to $OUT/session.log, pytest-benchmark JSON to $OUT/<gpu>-*.json
+# with the git sha in its commit_info (the device copy of the tree has no .git). Liger-Kernel
+# is used when a wheel is carried in .whl/. A failing stage is reported and the next one
+# still runs; the exit status is the number of failed stages.
 set -uo pipefail
 OUT=${OUT:?set OUT to the folder for logs and results}
 mkdir -p "$OUT"
@@ -31,20 +32,20 @@ failed=0
 summary=()
 
 stamp() {  # the git sha into a pytest-benchmark JSON's commit_info
-    python3 - "$1" <<'EOF'
+    python3 - "$1" <<'PY'
 import json, os, sys
 path = sys.argv[1]
 data = json.load(open(path))
 data["commit_info"] = {"id": os.environ.get("KDOPS_GIT_SHA", "unknown"), "project": "kdops"}
 json.dump(data, open(path, "w"), indent=1)
-EOF
+PY
 }
 
 build() {
     if ! compgen -G "kdops/_C.cpython-312*.so" > /dev/null; then
         TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 python3 setup.py -q build_ext --inplace || return 1
+        strip --strip-debug -o "$OUT/$(basename kdops/_C.cpython-312*.so)" kdops/_C.cpython-312*.so
     fi
-    cp kdops/_C.cpython-312*.so "$OUT"/
     python3 -c "import kdops, json; print(json.dumps(kdops.backend_info()))"
 }
 
@@ -58,7 +59,7 @@ sanitize() {
 }
 
 bench() {  # bench <suite> <json name>
-    python3 -m pytest -q "benchmarks/$1" --benchmark-json="$OUT/$2" \
+    python3 -m pytest -q "benchmarks/$1" -k "${KDOPS_BENCH_K:-}" --benchmark-json="$OUT/$2" \
         --benchmark-columns=median,iqr,rounds --benchmark-sort=name &&
         stamp "$OUT/$2"
 }
@@ -67,14 +68,17 @@ bench_kd() { bench bench_kd_loss_gpu.py "$GPU-kd_loss${KDOPS_BENCH_TAG:-}.json";
 bench_pilot() { bench bench_pilot_sgd.py "$GPU-pilot_sgd.json"; }
 bench_meta() { bench bench_meta_step.py "$GPU-meta_step.json"; }
 
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
-python3 -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__, triton.__version__)"
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+    python3 -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__, triton.__version__)"
+} 2>&1 | tee -a "$OUT/session.log"
 for stage in "$@"; do
     start=$SECONDS
-    "$stage" 2>&1 | tee "$OUT/$stage.log"
+    echo "=== $stage" >> "$OUT/session.log"
+    "$stage" 2>&1 | tee -a "$OUT/session.log"
     status=${PIPESTATUS[0]}
     [ "$status" -ne 0 ] && failed=$((failed + 1))
     summary+=("$(printf '%-12s exit %-3s %5ss' "$stage" "$status" $((SECONDS - start)))")
 done
-printf '%s\n' "${summary[@]}"
+printf '%s\n' "${summary[@]}" | tee -a "$OUT/session.log"
 exit "$failed"

@@ -2,8 +2,8 @@
 import triton
 import triton.language as tl
 
-from .rows import (block_log_probs, divergence_sums, hard_probs, jsd_logs, load_rows, load_stats,
-                   row_tile, row_validity, store_rounded)
+from .rows import (block_log_probs, div, divergence_sums, hard_probs, jsd_logs, load_rows,
+                   load_stats, row_tile, row_validity, store_rounded)
 
 
 @triton.jit
@@ -52,8 +52,8 @@ def kd_backward_kernel(
     g_d = tl.where(valid, load_rows(gd_ptr, gd_stride, rows, row_ok), 0.0)
     ms, mt, log_ss, log_st, m1, log_s1 = load_stats(stats_ptr, n, rows, row_ok)
     beta = tl.load(beta_ptr).to(tau_s.dtype)
-    coef_s = g_d / tau_s
-    coef_t = g_d / tau_t
+    coef_s = div(g_d, tau_s)
+    coef_t = div(g_d, tau_t)
     cols0 = tl.arange(0, BLOCK_V)
     zero = tl.zeros([ROWS], dtype=tau_s.dtype)
     mean_s = zero

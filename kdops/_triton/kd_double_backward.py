@@ -16,8 +16,8 @@ with gs = (gD/τs) ∂D/∂zs, gt = (gD/τt) ∂D/∂zt.
 import triton
 import triton.language as tl
 
-from .rows import (block_log_probs, hard_probs, jsd_logs, load_rows, load_stats, row_tile,
-                   row_validity, store_rounded)
+from .rows import (block_log_probs, div, hard_probs, jsd_logs, load_rows, load_stats,
+                   row_tile, row_validity, store_rounded)
 
 
 @triton.jit
@@ -33,7 +33,7 @@ def _direction(v_ptr, v_stride, rows, cols, mask, u, z, tau, HAS_V: tl.constexpr
         d = vv - u[:, None] * z
     else:
         d = vv
-    return vv, d / tau[:, None]
+    return vv, div(d, tau[:, None])
 
 
 @triton.jit
@@ -87,8 +87,8 @@ def kd_double_backward_kernel(
         us = load_rows(us_ptr, 1, rows, row_ok).to(tau_s.dtype)
     if HAS_UT:
         ut = load_rows(ut_ptr, 1, rows, row_ok).to(tau_s.dtype)
-    coef_s = g_d / tau_s
-    coef_t = g_d / tau_t
+    coef_s = div(g_d, tau_s)
+    coef_t = div(g_d, tau_t)
     cols0 = tl.arange(0, BLOCK_V)
     # Pass 1: sums that need only probabilities and directions.
     d = zero       # KL: D = ⟨P, A⟩; JSD: ⟨ps, e_s⟩
@@ -191,7 +191,7 @@ def kd_double_backward_kernel(
             if NEED_S:
                 ds = hs
                 if HAS_US:
-                    ds -= (us / tau_s)[:, None] * g_s
+                    ds -= div(us, tau_s)[:, None] * g_s
                 if WITH_CE and HAS_VS:
                     p1 = hard_probs(s_ptr, s_stride, rows, cols, mask, m1, log_s1)
                     ds += g_ce[:, None] * p1 * (vs - p1_vs[:, None])
@@ -200,7 +200,7 @@ def kd_double_backward_kernel(
             if NEED_T:
                 dt = ht
                 if HAS_UT:
-                    dt -= (ut / tau_t)[:, None] * g_t
+                    dt -= div(ut, tau_t)[:, None] * g_t
                 dt = tl.where(valid[:, None], dt, 0.0)
                 store_rounded(d_t_ptr + out, dt, mask)
             if NEED_TAU_S:
@@ -219,6 +219,8 @@ def kd_double_backward_kernel(
         else:
             tl.store(d_gce_ptr + rows, zero, mask=row_ok)
     if NEED_TAU_S:
-        tl.store(d_ts_ptr + rows, tl.where(valid, -dot_hs - dot_ws / tau_s, 0.0), mask=row_ok)
+        tl.store(d_ts_ptr + rows, tl.where(valid, -dot_hs - div(dot_ws, tau_s), 0.0),
+                 mask=row_ok)
     if NEED_TAU_T:
-        tl.store(d_tt_ptr + rows, tl.where(valid, -dot_ht - dot_wt / tau_t, 0.0), mask=row_ok)
+        tl.store(d_tt_ptr + rows, tl.where(valid, -dot_ht - div(dot_wt, tau_t), 0.0),
+                 mask=row_ok)

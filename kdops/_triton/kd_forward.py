@@ -6,7 +6,7 @@ KIND selects the divergence: 0 = KL(pt‖ps) (``kl``, ``jsd`` with β = 0), 1 = 
 import triton
 import triton.language as tl
 
-from .rows import (divergence_sums, load_rows, load_z, online_lse, row_tile,
+from .rows import (div, divergence_sums, load_rows, load_z, online_lse, row_tile,
                    row_validity)
 
 
@@ -85,9 +85,9 @@ def kd_forward_kernel(
     log_ss = tl.log(ss)
     log_st = tl.log(st)
     if KIND == 0:
-        d = w / st - log_st + log_ss
+        d = div(w, st) - log_st + log_ss
     elif KIND == 1:
-        d = w / ss - log_ss + log_st
+        d = div(w, ss) - log_ss + log_st
     else:
         beta = tl.load(beta_ptr).to(tau_s.dtype)
         acc_s, acc_t = divergence_sums(s_ptr, t_ptr, s_stride, t_stride, rows, row_ok, v, tau_s,

@@ -29,7 +29,7 @@ from .kd_forward import kd_forward_kernel
 # been timed on a GPU yet. A table, not autotuning: no
 # benchmark pass at first call, and the same launch on every run (reproducible results).
 LONG_ROWS = {"forward": (4096, 8), "backward": (4096, 8), "double_backward": (2048, 4)}
-SHORT_ROWS = {"forward": (1024, 4), "backward": (1024, 4), "double_backward": (1024, 8)}
+SHORT_ROWS = {"forward": (2048, 8), "backward": (1024, 4), "double_backward": (1024, 8)}
 
 
 def launch_config(kernel: str, n: int, v: int) -> dict:
