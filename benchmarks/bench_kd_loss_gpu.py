@@ -158,37 +158,32 @@ def test_kd_loss_gpu(benchmark, inputs, copy_bandwidth, divergence, mode, impl):
     context = _library.triton_on_cpu() if on_cpu else contextlib.nullcontext()
     rows = tuple(x[:CHECK_ROWS] for x in inputs)
     tol = dict(rtol=3e-2, atol=1e-3) if s.dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-6)
-    compile_options = None
     with context:
         try:
             for got, want in zip(run(fn, *rows), run(_eager(divergence),
                                                      *(x.double() for x in rows))):
                 torch.testing.assert_close(got.double(), want, **tol)
             args = (fn, s, t, cot)
-            try:
-                peak = peak_extra(run, args, s.numel() * s.element_size(), DEVICE)
-            except InductorError:
-                if impl != "compile":
-                    raise
-                # Inductor (torch 2.11, Triton 3.6, sm_90) fails to build a persistent
-                # reduction of the bf16 backward at V = 128256 ("PassManager::run failed"):
-                # compile it again without persistent reductions, and say so below.
-                compile_options = {"triton.persistent_reductions": False}
-                args = (torch.compile(_eager(divergence), dynamic=False,
-                                      options=compile_options), s, t, cot)
-                peak = peak_extra(run, args, s.numel() * s.element_size(), DEVICE)
+            peak = peak_extra(run, args, s.numel() * s.element_size(), DEVICE)
             benchmark.group = f"{divergence} {mode} {s.shape[0]}x{s.shape[1]} {s.dtype}"
             benchmark.pedantic(run, args=args, rounds=10 if s.numel() > 1e8 else 30,
                                warmup_rounds=2)
         except torch.cuda.OutOfMemoryError as err:
             pytest.skip(f"out of GPU memory: {str(err).splitlines()[0]}")
+        except InductorError as err:
+            if impl != "compile":
+                raise
+            # Seen on an H100 (torch 2.11, Triton 3.6): inductor cannot build the backward
+            # of the composite at V = 128256 ("PassManager::run failed"), fp32 and bf16.
+            cause = [line.strip() for line in str(err).splitlines() if "Error" in line]
+            pytest.skip(f"torch.compile failed: {(cause or ['see the log'])[-1][:200]}")
     moved = TENSORS_MOVED[mode] * s.numel() * s.element_size()
     achieved = moved / benchmark.stats.stats.median if benchmark.stats else None
     benchmark.extra_info.update(
         mode=mode, impl=impl, divergence=divergence, shape=list(s.shape),
         dtype=str(s.dtype).removeprefix("torch."), device=DEVICE_NAME, torch=torch.__version__,
         triton=_version("triton"), liger=_version("liger_kernel"),
-        compile_options=compile_options, peak_extra_nv=peak, bytes_moved=moved,
+        peak_extra_nv=peak, bytes_moved=moved,
         copy_gb_per_s=round(copy_bandwidth / 1e9, 1),
         gb_per_s=round(achieved / 1e9, 1) if achieved else None,
         fraction_of_copy=round(achieved / copy_bandwidth, 3) if achieved else None)

@@ -60,8 +60,10 @@ sanitize() {
 
 bench() {  # bench <suite> <json name>
     python3 -m pytest -q "benchmarks/$1" -k "${KDOPS_BENCH_K:-}" --benchmark-json="$OUT/$2" \
-        --benchmark-columns=median,iqr,rounds --benchmark-sort=name &&
-        stamp "$OUT/$2"
+        --benchmark-columns=median,iqr,rounds --benchmark-sort=name
+    local status=$?
+    [ -f "$OUT/$2" ] && stamp "$OUT/$2"
+    return $status
 }
 
 bench_kd() { bench bench_kd_loss_gpu.py "$GPU-kd_loss${KDOPS_BENCH_TAG:-}.json"; }
