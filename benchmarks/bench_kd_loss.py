@@ -2,9 +2,11 @@
 
     python -m pytest benchmarks/bench_kd_loss.py            # the CPU shapes
     KDOPS_BENCH_SHAPES=512x1000 python -m pytest benchmarks/bench_kd_loss.py
+    KDOPS_BENCH_DIVERGENCES=kl,jsd python -m pytest benchmarks/bench_kd_loss.py
 
-The composite is `reference.hinton_kd_loss`: kl_div(log_softmax(s/T), softmax(t/T),
-'batchmean') · T², what most KD code contains. Modes, all with T = 2 and fp32 logits:
+For ``kl`` (the default) the composite is `reference.hinton_kd_loss`: kl_div(log_softmax(s/T),
+softmax(t/T), 'batchmean') · T², what most KD code contains; for ``jsd`` (β = 0.5, scale 1,
+as TRL and Liger use it) it is `reference.kd_loss`. Modes, all with T = 2 and fp32 logits:
   forward          the loss value
   forward_backward loss and its gradient to the student logits
   second_order     loss, gradient to the student (create_graph) and the gradient of
@@ -35,6 +37,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from measure import peak_extra  # noqa: E402
 
 TEMPERATURE = 2.0
+DIVERGENCES = os.environ.get("KDOPS_BENCH_DIVERGENCES", "kl").split(",")
+JSD = dict(divergence="jsd", beta=0.5, scale=1.0)
 
 
 def _shapes():
@@ -42,18 +46,20 @@ def _shapes():
     return [tuple(int(d) for d in s.split("x")) for s in spec.split(",")]
 
 
-def _kdops(s, t):
-    return kdops.fused_kd_loss(s, t, temperature=TEMPERATURE)
+def _kdops(divergence):
+    kw = JSD if divergence == "jsd" else {}
+    return lambda s, t: kdops.fused_kd_loss(s, t, temperature=TEMPERATURE, **kw)
 
 
-def _eager(s, t):
-    return reference.hinton_kd_loss(s, t, TEMPERATURE)
+def _eager(divergence):
+    if divergence == "jsd":
+        return lambda s, t: reference.kd_loss(s, t, temperature=TEMPERATURE, **JSD)
+    return lambda s, t: reference.hinton_kd_loss(s, t, TEMPERATURE)
 
-
-_compiled = torch.compile(_eager, dynamic=False)
 
 NATIVE = kdops.backend_info()["kd_forward"]["cpu"] == "native"
-IMPLS = {"kdops": _kdops, "kdops_bf16": _kdops, "eager": _eager, "compile": _compiled}
+IMPLS = {"kdops": _kdops, "kdops_bf16": _kdops, "eager": _eager,
+         "compile": lambda d: torch.compile(_eager(d), dynamic=False)}
 if NATIVE:
     IMPLS["kdops_portable"] = _kdops
 
@@ -93,21 +99,22 @@ MODES = {"forward": _forward, "forward_backward": _forward_backward,
 CASES = [(m, i) for m in MODES for i in IMPLS if not (m == "second_order" and i == "compile")]
 
 
+@pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("mode,impl", CASES, ids=[f"{m}-{i}" for m, i in CASES])
-def test_kd_loss(benchmark, inputs, mode, impl):
+def test_kd_loss(benchmark, inputs, mode, impl, divergence):
     s, t, cot = inputs
-    run, fn = MODES[mode], IMPLS[impl]
+    run, fn = MODES[mode], IMPLS[impl](divergence)
     dtype = torch.bfloat16 if impl == "kdops_bf16" else torch.float32
     context = _library.portable_on_cpu() if impl == "kdops_portable" else contextlib.nullcontext()
     args = (fn, s.to(dtype), t.to(dtype), cot.to(dtype))
-    expected = run(_eager, *(x.to(dtype).double() for x in (s, t, cot)))
+    expected = run(_eager(divergence), *(x.to(dtype).double() for x in (s, t, cot)))
     tol = dict(rtol=2e-2, atol=1e-3) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-6)
     with context:
         for got, want in zip(run(*args), expected):
             torch.testing.assert_close(got.double(), want, **tol)
-        benchmark.group = f"{mode} {s.shape[0]}x{s.shape[1]}"
+        benchmark.group = f"{divergence} {mode} {s.shape[0]}x{s.shape[1]}"
         benchmark.extra_info.update(
-            mode=mode, impl=impl, shape=list(s.shape), dtype=str(dtype).removeprefix("torch."),
+            mode=mode, impl=impl, divergence=divergence, shape=list(s.shape), dtype=str(dtype).removeprefix("torch."),
             threads=torch.get_num_threads(), torch=torch.__version__,
             peak_extra_nv_fp32=peak_extra(run, args, s.numel() * 4))
         benchmark.pedantic(run, args=args, rounds=10 if s.numel() > 1e6 else 50, warmup_rounds=1)

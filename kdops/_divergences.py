@@ -100,7 +100,8 @@ class JensenShannon:
 
     e_s and e_t come from d = log pt − log ps without forming m: log m − log ps =
     log1p(β expm1(d)) for d ≤ 0 and d + log1p((1 − β) expm1(−d)) for d > 0. Both branches are
-    free of overflow and cancellation, and the divergence is exactly 0 where ps = pt.
+    free of overflow and cancellation, and the divergence is exactly 0 where ps = pt. They are
+    one expression, y = −log1p(c expm1(−|d|)) with c = β or 1 − β, evaluated once per entry.
     """
 
     def __init__(self, beta: float):
@@ -117,10 +118,9 @@ class JensenShannon:
     def _compute_logs(self, rows):
         d = rows.logpt - rows.logps
         below = d <= 0
-        e_s_below = -torch.log1p(self.beta * torch.expm1(torch.where(below, d, 0.0)))
-        e_t_above = -torch.log1p((1.0 - self.beta) * torch.expm1(torch.where(below, 0.0, -d)))
-        return torch.where(below, e_s_below, e_t_above - d), torch.where(below, e_s_below + d,
-                                                                          e_t_above)
+        c = torch.full_like(d, 1.0 - self.beta).masked_fill_(below, self.beta)
+        y = -torch.log1p(c * torch.expm1(-d.abs()))
+        return torch.where(below, y, y - d), torch.where(below, y + d, y)
 
     def value(self, rows) -> Tensor:
         e_s, e_t = self._logs(rows)

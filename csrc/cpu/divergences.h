@@ -36,8 +36,9 @@ struct Hvp {
 // e_s = log ps − log m, e_t = log pt − log m:
 //   D = β Σ pt e_t + (1 − β) Σ ps e_s
 //   ∂D/∂zs = (1 − β) ps ⊙ (e_s − ⟨ps, e_s⟩),  ∂D/∂zt = β pt ⊙ (e_t − ⟨pt, e_t⟩)
-// and the HVP of kdops/_divergences.py. e_s, e_t come from d = log pt − log ps:
-// log m − log ps = log1p(β expm1(d)) for d ≤ 0, d + log1p((1 − β) expm1(−d)) for d > 0.
+// and the HVP of kdops/_divergences.py. e_s, e_t come from d = log pt − log ps: with
+// y = −log1p(c expm1(−|d|)), c = β where d ≤ 0 and 1 − β elsewhere (the log of the larger of
+// ps, pt over m), e_s = y, e_t = y + d for d ≤ 0 and e_t = y, e_s = y − d for d > 0.
 template <typename T>
 struct JSD {
   T beta;
@@ -48,14 +49,13 @@ struct JSD {
 
   // Fills e_s, e_t; call once per row before anything else.
   void prepare(const Row<T>& r) const {
-    const Vec<T> zero(0), one(1), b(beta), nb(1 - beta);
+    const Vec<T> zero(0), b(beta), nb(1 - beta);
     for (int64_t i = 0; i < r.n; i += kLanes<T>) {
       const Vec<T> d = Vec<T>::loadu(r.lt + i) - Vec<T>::loadu(r.ls + i);
       const Vec<T> below = d <= zero;
-      const Vec<T> lo = (b * at::vec::minimum(d, zero).expm1()).log1p().neg();
-      const Vec<T> hi = (nb * at::vec::minimum(d.neg(), zero).expm1()).log1p().neg();
-      Vec<T>::blendv(hi - d, lo, below).store(e_s + i);
-      Vec<T>::blendv(hi, lo + d, below).store(e_t + i);
+      const Vec<T> y = (Vec<T>::blendv(nb, b, below) * d.abs().neg().expm1()).log1p().neg();
+      Vec<T>::blendv(y - d, y, below).store(e_s + i);
+      Vec<T>::blendv(y, y + d, below).store(e_t + i);
     }
   }
 

@@ -23,12 +23,14 @@ from .kd_forward import kd_forward_kernel
 # (elements per tile, warps) per kernel. Rows longer than the short-row tile get one program
 # each and are streamed in blocks of the long-row tile; shorter rows share a program, several
 # rows per tile. The sizes keep the float32/bfloat16 variants free of register spills on sm_90
-# (but 8 and 148 bytes in the float32 long-row double backward of the reverse KL and the JSD;
-# float64, the gradcheck dtype, spills); tests/compile_triton.py reports registers and spills
-# (benchmarks/results/sm90-triton-registers.jsonl). Timed on an H100 only at V = 128256 (1 row
-# per program: benchmarks/results/h100-notes.md). A table, not autotuning: no benchmark pass
-# at first call, and the same launch on every run (reproducible results).
-LONG_ROWS = {"forward": (4096, 8), "backward": (4096, 8), "double_backward": (2048, 4)}
+# (but 8 bytes in the float32 long-row double backward of the reverse KL; float64, the
+# gradcheck dtype, spills); tests/compile_triton.py reports registers and spills
+# (benchmarks/results/sm90-triton-registers.jsonl). Timed on an H100 only at V = 128256
+# (benchmarks/results/h100-notes.md), with the forward's long rows in tiles of 4096 and 8
+# warps; 2048 and 4 warps is the same code per thread (16 elements of each tensor) at the same
+# occupancy, without the 8-byte spill ptxas chose for the JSD there. A table, not autotuning:
+# no benchmark pass at first call, and the same launch on every run (reproducible results).
+LONG_ROWS = {"forward": (2048, 4), "backward": (4096, 8), "double_backward": (2048, 4)}
 SHORT_ROWS = {"forward": (2048, 8), "backward": (1024, 4), "double_backward": (1024, 8)}
 
 

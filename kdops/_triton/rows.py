@@ -118,12 +118,12 @@ def block_log_probs(s_ptr, t_ptr, s_stride, t_stride, rows, row_ok, cols, v, tau
 def jsd_logs(ls, lt, beta):
     """(e_s, e_t) = (log ps − log m, log pt − log m), m = β pt + (1 − β) ps, from
     d = log pt − log ps: log m − log ps = log1p(β expm1(d)) for d ≤ 0 and
-    d + log1p((1 − β) expm1(−d)) for d > 0, free of overflow and cancellation."""
+    d + log1p((1 − β) expm1(−d)) for d > 0, free of overflow and cancellation; both are
+    y = −log1p(c expm1(−|d|)), c = β or 1 − β, so one expm1 and one log1p per entry."""
     d = lt - ls
     below = d <= 0
-    e_s_below = -log1p(beta * expm1(tl.where(below, d, 0.0)))
-    e_t_above = -log1p((1.0 - beta) * expm1(tl.where(below, 0.0, -d)))
-    return tl.where(below, e_s_below, e_t_above - d), tl.where(below, e_s_below + d, e_t_above)
+    y = -log1p(tl.where(below, beta, 1.0 - beta) * expm1(-tl.abs(d)))
+    return tl.where(below, y, y - d), tl.where(below, y + d, y)
 
 
 @triton.jit
