@@ -25,6 +25,17 @@ from kdops import _library, _loss_portable, _triton
 
 pytestmark = pytest.mark.skipif(not _triton.available(), reason="Triton is not installed")
 
+if _triton.available():
+    import triton
+    import triton.language as tl
+
+    from kdops._triton import rows
+
+    @triton.jit
+    def _div_kernel(x_ptr, y_ptr, out_ptr, N: tl.constexpr):
+        i = tl.arange(0, N)
+        tl.store(out_ptr + i, rows.div(tl.load(x_ptr + i), tl.load(y_ptr + i)))
+
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -161,6 +172,19 @@ def test_gradcheck_and_gradgradcheck_through_triton(divergence, beta):
     with contextlib.nullcontext() if CUDA else _library.triton_on_cpu():
         assert gradcheck(fn, inputs)
         assert gradgradcheck(fn, inputs)
+
+
+@needs_kernels
+def test_division_rounds_as_ieee_and_keeps_special_values():
+    """rows.div in float32 gives x / y: rounded as IEEE on a GPU (the interpreter has no true
+    FMA, so there within 1 ulp), and ±inf, NaN and an overflowing quotient as `/` gives them."""
+    inf, nan = float("inf"), float("nan")
+    x = torch.tensor([1.0, 2.0, 7.1, -inf, 0.0, 3e38, nan, 5.0], device=DEVICE)
+    y = torch.tensor([3.0, 0.1, 0.7, 2.0, 0.0, 1e-30, 1.0, inf], device=DEVICE)
+    out = torch.empty_like(x)
+    _div_kernel[(1,)](x, y, out, N=8)
+    ulp = 0.0 if CUDA else torch.finfo(torch.float32).eps
+    torch.testing.assert_close(out, x / y, rtol=ulp, atol=0.0, equal_nan=True)
 
 
 def test_launch_config_covers_short_and_long_rows(launch):

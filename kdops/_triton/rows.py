@@ -19,13 +19,14 @@ def div(x, y):
     """x / y rounded to nearest, broadcast. In float32 one residual step (Markstein) corrects
     x·(1/y): e = x − q·y is exact by FMA and q + e·(1/y) is the rounded quotient but for
     near-halfway cases (off by 1 ulp), with no branch; a per-row y costs one reciprocal per
-    row. Special values (e is NaN: x or y infinite, y = 0) keep x·(1/y). Float64 `/` is
-    div.rn already."""
+    row. Where the step gives NaN (x or y infinite, y = 0, a quotient that overflows) x·(1/y)
+    stands. Float64 `/` is div.rn already."""
     if x.dtype == tl.float32:
         r = 1.0 / y
         q = x * r
         e = tl.fma(-q, tl.broadcast_to(y, q.shape), tl.broadcast_to(x, q.shape))
-        return tl.where(e == e, tl.fma(e, tl.broadcast_to(r, q.shape), q), q)
+        refined = tl.fma(e, tl.broadcast_to(r, q.shape), q)
+        return tl.where(refined == refined, refined, q)
     else:
         return x / y
 
