@@ -217,7 +217,7 @@ def fused_kd_loss(
 
     with torch.no_grad() if grad_in_forward else contextlib.nullcontext():
         div, ce, stats = _loss_func.kd_forward(s, t, tau_s, tau_t, flat_labels, ignore_index,
-                                         divergence, float(beta), with_ce)
+                                               divergence, float(beta), with_ce)
 
     if scale is None:
         c = temperature ** 2 if isinstance(temperature, numbers.Real) else tau_s * tau_s
