@@ -68,6 +68,27 @@ def test_one_input_at_a_time(divergence, beta, which):
     _check(fn, (x,))
 
 
+@pytest.mark.parametrize("label_mode", [None, "mask"])
+@pytest.mark.parametrize("side", ["student", "teacher"])
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES, ids=DIVERGENCE_IDS)
+def test_one_sided_gradient(divergence, beta, side, label_mode):
+    """gradcheck of the gradient to one side's logits as a function of both logits: the
+    second-order op with a cotangent on that side only, as MetaDistil's teacher update
+    differentiates ⟨v, ∂L/∂s⟩ (the native KL kernels have a row kernel of their own for it)."""
+    s = logits(N, V, dtype=torch.float64, seed=7, requires_grad=True)
+    t = logits(N, V, dtype=torch.float64, seed=8, requires_grad=True)
+    ts, tt = temperatures("row", (N,), requires_grad=False)
+    labels, alpha = labels_for((N,), V, label_mode)
+
+    def gradient(s, t):
+        loss = kdops.fused_kd_loss(s, t, temperature=ts, teacher_temperature=tt,
+                                   divergence=divergence, beta=beta, labels=labels, alpha=alpha)
+        (g,) = torch.autograd.grad(loss, s if side == "student" else t, create_graph=True)
+        return g
+
+    assert gradcheck(gradient, (s, t))
+
+
 @pytest.mark.parametrize("divergence,beta", DIVERGENCES, ids=DIVERGENCE_IDS)
 def test_three_d_per_sample_tau_scale_alpha_tensors(divergence, beta):
     """[B, T, V] logits, τ per sample ([B, 1]), learnable scale and alpha tensors."""

@@ -149,9 +149,45 @@ struct KLSecondOrderRow {
   T* scratch[8];  // P, Q, A, dx, dy, zs', zt', softmax(s)
 };
 
+// The second-order op of one row when the direction lies on the y logits only and no
+// temperature or cross-entropy term is involved: MetaDistil's teacher update under forward KL,
+// Φ = ⟨vs, ∂/∂s⟩. With dx = 0, c and ⟨∂D/∂x, dx⟩ vanish and the HVP needs neither A nor D:
+//   H_x = P ⊙ (⟨P, dy⟩ − dy),   H_y = Q ⊙ (dy − ⟨Q, dy⟩),   H = ⟨Q − P, dy⟩,   dy = v_y / τ_y
+// Pass 1 keeps P, Q and dy in scratch and sums ⟨P, dy⟩, ⟨Q, dy⟩ and H; pass 2 writes both rows.
+// Returns (∂Φ/∂gD, 0, 0, 0) as kl_second_order_row does.
+template <typename T, bool PIsTeacher, bool Convert>
+std::array<T, 4> kl_second_order_row_y(const KLSecondOrderRow<T, Convert>& k) {
+  const KLRow<T, Convert>& in = k.in;
+  const int64_t v = in.v;
+  T* const p_ = k.scratch[0];
+  T* const q_ = k.scratch[1];
+  T* const dy_ = k.scratch[4];
+  const LogitsRow<T, Convert>& v_y = PIsTeacher ? k.vs : k.vt;
+  const Vec<T> tau_y(PIsTeacher ? in.tau_s : in.tau_t);
+  const auto s = row_sums<T, 3>(0, v, [&](int64_t i) {
+    const auto [sv, a, b, la, lb, pa, pb] = kl_vec(in, i);
+    const Vec<T> p = PIsTeacher ? pb : pa, q = PIsTeacher ? pa : pb, dy = v_y.load(i) / tau_y;
+    p.store(p_ + i);
+    q.store(q_ + i);
+    dy.store(dy_ + i);
+    return std::array<Vec<T>, 3>{p * dy, q * dy, (q - p) * dy};
+  });
+  const Vec<T> p_dy(s[0]), q_dy(s[1]), cs(in.coef_s), ct(in.coef_t);
+  for (int64_t i = 0; i < v; i += kLanes<T>) {
+    const Vec<T> p = Vec<T>::loadu(p_ + i), q = Vec<T>::loadu(q_ + i), dy = Vec<T>::loadu(dy_ + i);
+    const Vec<T> hx = p * (p_dy - dy), hy = q * (dy - q_dy);
+    if (k.out_s) store_tail(cs * (PIsTeacher ? hy : hx), k.out_s, i, v);
+    if (k.out_t) store_tail(ct * (PIsTeacher ? hx : hy), k.out_t, i, v);
+  }
+  return {s[2], T(0), T(0), T(0)};
+}
+
 // Returns (∂Φ/∂gD, ∂Φ/∂gCE, ∂Φ/∂τs, ∂Φ/∂τt).
 template <typename T, bool PIsTeacher, bool Convert>
 std::array<T, 4> kl_second_order_row(const KLSecondOrderRow<T, Convert>& k) {
+  const bool y_only = (PIsTeacher ? k.vs && !k.vt : k.vt && !k.vs) && !k.has_us && !k.has_ut &&
+                      !k.need_tau_s && !k.need_tau_t && k.label < 0;
+  if (y_only) return kl_second_order_row_y<T, PIsTeacher>(k);
   const KLRow<T, Convert>& in = k.in;
   const int64_t v = in.v;
   T* const p_ = k.scratch[0];
