@@ -204,7 +204,9 @@ for div in ("kl", "reverse_kl", "jsd"):
     loss = kdops.fused_kd_loss(s, t, temperature=tau, divergence=div)
     g = torch.autograd.grad(loss, (s, t, tau), create_graph=True)
     second = torch.autograd.grad((g[0] ** 2).sum(), (s, t, tau))
-    out += [x.detach().flatten().tolist() for x in (loss.reshape(1), *g, *second)]
+    (g_s,) = torch.autograd.grad(loss, s, create_graph=True)
+    one_sided = torch.autograd.grad((g_s ** 2).sum(), (s, t))
+    out += [x.detach().flatten().tolist() for x in (loss.reshape(1), *g, *second, *one_sided)]
 print(json.dumps({"capability": kdops.backend_info()["cpu_capability"], "out": out}))
 """
 
