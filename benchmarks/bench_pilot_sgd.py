@@ -18,7 +18,10 @@ Each case first checks its result against the loop, bit for bit, and records in 
 achieved bandwidth: the bytes that must move (forward: params and grads read, new params
 written; forward+backward adds the cotangents read and the grads' gradient written; the
 params' gradient is the cotangent itself) over the median time, and its fraction of a
-large device-to-device copy measured in the same run (bytes read plus written).
+large device-to-device copy measured in the same run (bytes read plus written). On a GPU
+it also records the kernels' own time per call and its bandwidth fraction (`kernel_ms`,
+`kernel_fraction_of_copy`, from the profiler), and the kernels launched per call: the
+host-clock median counts the host's work before the first launch as well.
 """
 import contextlib
 import os
@@ -110,6 +113,11 @@ def test_pilot_sgd(benchmark, lists, copy_bandwidth, mode, impl):
         benchmark.pedantic(run, args=args, rounds=10 if big else 200, warmup_rounds=1)
     moved = TENSORS_MOVED[mode] * sum(p.nbytes for p in params)
     achieved = moved / benchmark.stats.stats.median if benchmark.stats else None
+    if DEVICE.type == "cuda":
+        seconds, launches = measure.kernel_time(run, args)
+        benchmark.extra_info.update(
+            kernel_ms=round(seconds * 1e3, 4), kernels_per_call=launches,
+            kernel_fraction_of_copy=round(moved / seconds / copy_bandwidth, 3))
     benchmark.extra_info.update(
         mode=mode, impl=impl, params=name, tensors=len(params), numel=numel,
         device=DEVICE_NAME,

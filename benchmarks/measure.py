@@ -58,3 +58,20 @@ def copy_bandwidth():
         synchronize()
         times.append(time.perf_counter() - start)
     return 2 * src.nbytes / sorted(times[1:])[5]
+
+
+def kernel_time(run, args, reps=5):
+    """(seconds, launches): the summed duration of the GPU kernels one ``run(*args)`` launches
+    and their number, averaged over `reps` runs under the profiler (CUPTI's timestamps). The
+    device's share of a call, without the host's: on a GPU, a host clock around a call that
+    synchronizes also counts the Python and allocation work before the first launch."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    run(*args)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            run(*args)
+    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    seconds = sum(e.self_device_time_total for e in kernels) * 1e-6 / reps
+    return seconds, sum(e.count for e in kernels) / reps

@@ -2,8 +2,8 @@
 import triton
 import triton.language as tl
 
-from .rows import (block_log_probs, div, divergence_sums, hard_probs, jsd_logs, load_rows,
-                   load_stats, row_tile, row_validity, store_rounded)
+from .rows import (block_cols, block_log_probs, div, divergence_sums, hard_probs, jsd_logs,
+                   load_rows, load_stats, row_tile, row_validity, store_rounded)
 
 
 @triton.jit
@@ -33,7 +33,7 @@ def kd_backward_kernel(
     KIND: tl.constexpr, HAS_LABELS: tl.constexpr, WITH_CE: tl.constexpr,
     NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_TAU_S: tl.constexpr,
     NEED_TAU_T: tl.constexpr, MEANS: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
-    LOWEST: tl.constexpr,
+    LOWEST: tl.constexpr, ALTERNATE: tl.constexpr,
 ):
     """With gD, gCE the per-row cotangents (zero on ignored rows):
 
@@ -43,7 +43,7 @@ def kd_backward_kernel(
     (z shifted by its row max; the divergences are shift-invariant). A first pass gathers
     the row means of `_side_grads` where a requested output needs them (the KL side that
     carries P, both JSD sides: MEANS); a second writes the gradients and sums the τ
-    products.
+    products (backward along the row after a first pass where ALTERNATE: `rows.block_cols`).
     """
     rows, row_ok = row_tile(n, ROWS)
     valid, label = row_validity(labels_ptr, rows, row_ok, ignore_index, HAS_LABELS)
@@ -54,20 +54,19 @@ def kd_backward_kernel(
     beta = tl.load(beta_ptr).to(tau_s.dtype)
     coef_s = div(g_d, tau_s)
     coef_t = div(g_d, tau_t)
-    cols0 = tl.arange(0, BLOCK_V)
     zero = tl.zeros([ROWS], dtype=tau_s.dtype)
     mean_s = zero
     mean_t = zero
     if MEANS:
         mean_s, mean_t = divergence_sums(s_ptr, t_ptr, s_stride, t_stride, rows, row_ok, v,
                                          tau_s, tau_t, ms, mt, log_ss, log_st, beta, KIND, ROWS,
-                                         BLOCK_V, LOWEST)
+                                         BLOCK_V, LOWEST, False)
     if WITH_CE:
         g_ce = tl.where(valid, load_rows(gce_ptr, gce_stride, rows, row_ok), 0.0)
     dot_s = zero
     dot_t = zero
     for start in range(0, v, BLOCK_V):
-        cols = start + cols0
+        cols = block_cols(start, v, BLOCK_V, ALTERNATE and MEANS)
         mask, ls, ps, zs, lt, pt, zt = block_log_probs(
             s_ptr, t_ptr, s_stride, t_stride, rows, row_ok, cols, v, tau_s, tau_t,
             ms, mt, log_ss, log_st, LOWEST)

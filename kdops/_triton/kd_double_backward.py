@@ -16,8 +16,8 @@ with gs = (gD/τs) ∂D/∂zs, gt = (gD/τt) ∂D/∂zt.
 import triton
 import triton.language as tl
 
-from .rows import (block_log_probs, div, hard_probs, jsd_logs, load_rows, load_stats,
-                   row_tile, row_validity, store_rounded)
+from .rows import (block_cols, block_log_probs, div, hard_probs, jsd_logs, load_rows,
+                   load_stats, row_tile, row_validity, store_rounded)
 
 
 @triton.jit
@@ -68,11 +68,12 @@ def kd_double_backward_kernel(
     HAS_VS: tl.constexpr, HAS_VT: tl.constexpr, HAS_US: tl.constexpr, HAS_UT: tl.constexpr,
     NEED_GD: tl.constexpr, NEED_GCE: tl.constexpr, NEED_S: tl.constexpr, NEED_T: tl.constexpr,
     NEED_TAU_S: tl.constexpr, NEED_TAU_T: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_V: tl.constexpr, LOWEST: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_V: tl.constexpr, LOWEST: tl.constexpr, ALTERNATE: tl.constexpr,
 ):
     """Passes over the row: the KLs gather their row sums in one pass (⟨∂D/∂x, dx⟩ as
     ⟨P ⊙ A, dx⟩ − D ⟨P, dx⟩) and write in a second; the JSD needs the centred directions
-    before its second set of sums, so it takes three."""
+    before its second set of sums, so it takes three. Where ALTERNATE, each pass walks the
+    row the other way from the one before (`rows.block_cols`)."""
     rows, row_ok = row_tile(n, ROWS)
     valid, label = row_validity(labels_ptr, rows, row_ok, ignore_index, HAS_LABELS)
     tau_s = load_rows(tau_s_ptr, tau_s_stride, rows, row_ok)
@@ -89,7 +90,6 @@ def kd_double_backward_kernel(
         ut = load_rows(ut_ptr, 1, rows, row_ok).to(tau_s.dtype)
     coef_s = div(g_d, tau_s)
     coef_t = div(g_d, tau_t)
-    cols0 = tl.arange(0, BLOCK_V)
     # Pass 1: sums that need only probabilities and directions.
     d = zero       # KL: D = ⟨P, A⟩; JSD: ⟨ps, e_s⟩
     pa_dx = zero   # KL: ⟨P ⊙ A, dx⟩; JSD: ⟨pt, e_t⟩
@@ -98,7 +98,7 @@ def kd_double_backward_kernel(
     py_dy = zero   # KL: ⟨Q, dy⟩
     p1_vs = zero   # ⟨softmax(s), vs⟩ for the cross-entropy terms
     for start in range(0, v, BLOCK_V):
-        cols = start + cols0
+        cols = block_cols(start, v, BLOCK_V, False)
         mask, ls, ps, zs, lt, pt, zt = block_log_probs(
             s_ptr, t_ptr, s_stride, t_stride, rows, row_ok, cols, v, tau_s, tau_t,
             ms, mt, log_ss, log_st, LOWEST)
@@ -134,7 +134,7 @@ def kd_double_backward_kernel(
     directional = zero
     if KIND == 2:
         for start in range(0, v, BLOCK_V):
-            cols = start + cols0
+            cols = block_cols(start, v, BLOCK_V, ALTERNATE)
             mask, ls, ps, zs, lt, pt, zt = block_log_probs(
                 s_ptr, t_ptr, s_stride, t_stride, rows, row_ok, cols, v, tau_s, tau_t,
                 ms, mt, log_ss, log_st, LOWEST)
@@ -162,7 +162,7 @@ def kd_double_backward_kernel(
     dot_wt = zero
     if NEED_S or NEED_T or NEED_TAU_S or NEED_TAU_T:
         for start in range(0, v, BLOCK_V):
-            cols = start + cols0
+            cols = block_cols(start, v, BLOCK_V, ALTERNATE and KIND != 2)
             mask, ls, ps, zs, lt, pt, zt = block_log_probs(
                 s_ptr, t_ptr, s_stride, t_stride, rows, row_ok, cols, v, tau_s, tau_t,
                 ms, mt, log_ss, log_st, LOWEST)

@@ -44,14 +44,15 @@ def kd_forward_kernel(
     s_ptr, t_ptr, s_stride, t_stride, tau_s_ptr, tau_s_stride, tau_t_ptr, tau_t_stride,
     labels_ptr, beta_ptr, div_ptr, ce_ptr, stats_ptr, n, v, ignore_index,
     KIND: tl.constexpr, HAS_LABELS: tl.constexpr, WITH_CE: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_V: tl.constexpr, LOWEST: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_V: tl.constexpr, LOWEST: tl.constexpr, ALTERNATE: tl.constexpr,
 ):
     """Per row: D(softmax(s/τs), softmax(t/τt)), CE = −log softmax(s)[y], and the statistics
     (max and log Σ exp(z − max) of zs, zt and s) that the backward kernels recompute
     probabilities from. Rows whose label is ignore_index get D = CE = 0.
 
     The KLs take one pass over s and t (`_online_kl`). The JSD needs normalized probabilities
-    for log m, so it takes a second pass once the row statistics are known.
+    for log m, so it takes a second pass once the row statistics are known (backward along
+    the row where ALTERNATE: `rows.block_cols`).
     """
     rows, row_ok = row_tile(n, ROWS)
     valid, label = row_validity(labels_ptr, rows, row_ok, ignore_index, HAS_LABELS)
@@ -92,7 +93,7 @@ def kd_forward_kernel(
         beta = tl.load(beta_ptr).to(tau_s.dtype)
         acc_s, acc_t = divergence_sums(s_ptr, t_ptr, s_stride, t_stride, rows, row_ok, v, tau_s,
                                        tau_t, ms, mt, log_ss, log_st, beta, KIND, ROWS, BLOCK_V,
-                                       LOWEST)
+                                       LOWEST, ALTERNATE)
         d = beta * acc_t + (1.0 - beta) * acc_s
     tl.store(div_ptr + rows, tl.where(valid, d, 0.0), mask=row_ok)
     tl.store(stats_ptr + rows, ms, mask=row_ok)

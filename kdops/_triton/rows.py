@@ -55,6 +55,19 @@ def row_tile(n, ROWS: tl.constexpr):
 
 
 @triton.jit
+def block_cols(start, v, BLOCK_V: tl.constexpr, BACKWARD: tl.constexpr):
+    """Columns of the block of a pass over a row whose loop reached `start` (0, BLOCK_V, ...,
+    below v): that block itself, or, BACKWARD, its mirror image from the row's end. A pass that
+    follows another walks the row BACKWARD, so that it starts on the blocks the pass before
+    read last: those are the likeliest to be still in L2 when a row (770 KB of s, t and v in
+    bf16 at V = 128256) is too long to stay on chip."""
+    first = start
+    if BACKWARD:
+        first = (v - 1) // BLOCK_V * BLOCK_V - start
+    return first + tl.arange(0, BLOCK_V)
+
+
+@triton.jit
 def load_rows(ptr, stride, rows, row_ok):
     """One value per row of an [N]-shaped vector with any stride (0 for a broadcast scalar)."""
     return tl.load(ptr + rows * stride, mask=row_ok, other=1.0)
@@ -130,15 +143,15 @@ def jsd_logs(ls, lt, beta):
 @triton.jit
 def divergence_sums(s_ptr, t_ptr, s_stride, t_stride, rows, row_ok, v, tau_s, tau_t, ms, mt,
                     log_ss, log_st, beta, KIND: tl.constexpr, ROWS: tl.constexpr,
-                    BLOCK_V: tl.constexpr, LOWEST: tl.constexpr):
+                    BLOCK_V: tl.constexpr, LOWEST: tl.constexpr, BACKWARD: tl.constexpr):
     """The row sums whose combination is the divergence, one pass over the row from its
-    statistics: (⟨ps, e_s⟩, ⟨pt, e_t⟩) for the JSD (`jsd_logs`); (0, ⟨pt, lt − ls⟩) for KL and
-    (⟨ps, ls − lt⟩, 0) for reverse KL (KIND 0, 1, 2 as in `launch`)."""
+    statistics (in the order of `block_cols`): (⟨ps, e_s⟩, ⟨pt, e_t⟩) for the JSD
+    (`jsd_logs`); (0, ⟨pt, lt − ls⟩) for KL and (⟨ps, ls − lt⟩, 0) for reverse KL (KIND 0, 1,
+    2 as in `launch`)."""
     sum_s = tl.zeros([ROWS], dtype=tau_s.dtype)
     sum_t = tl.zeros([ROWS], dtype=tau_s.dtype)
-    cols0 = tl.arange(0, BLOCK_V)
     for start in range(0, v, BLOCK_V):
-        cols = start + cols0
+        cols = block_cols(start, v, BLOCK_V, BACKWARD)
         mask, ls, ps, _, lt, pt, _ = block_log_probs(
             s_ptr, t_ptr, s_stride, t_stride, rows, row_ok, cols, v, tau_s, tau_t,
             ms, mt, log_ss, log_st, LOWEST)
