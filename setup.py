@@ -33,6 +33,13 @@ X86 = platform.machine().lower() in ("x86_64", "amd64")
 EXACT_SOURCES = {"csrc/cpu/pilot_sgd.cpp"}
 
 
+# The C++ runtime by its shared object, ahead of the compiler driver's own -lstdc++: on an
+# H100 machine's image (Ubuntu 24.04, GCC 13.3, torch 2.11) the link put a static copy of
+# libstdc++ into kdops._C, and that second copy beside torch's crashed wherever an error
+# message formats a number (tests/test_native.py checks for one copy).
+SHARED_CXX_RUNTIME = ["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else []
+
+
 def source_flags(source: str) -> list:
     """Compiler flags of one source beyond the extension's own (CMakeLists.txt: the same)."""
     flags = ["-ffp-contract=off"] if source in EXACT_SOURCES else []
@@ -90,7 +97,7 @@ def extensions():
         # __fmul_rn-style intrinsics; --fmad=false keeps any other expression exact too.
         extra_compile_args={"cxx": ["-O3", "-fopenmp"],
                             "nvcc": ["-O3", "--fmad=false"]},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=["-fopenmp", *SHARED_CXX_RUNTIME],
     )
     return [ext], {"build_ext": Build}
 

@@ -300,3 +300,27 @@ def test_import_without_the_extension_wires_python_autograd():
     info, ok = json.loads(out.splitlines()[-1])
     assert info == {"cpu": "portable", "cuda": info["cuda"], "autograd": "python"}
     assert ok
+
+
+def test_kernel_errors_carry_their_message():
+    """A check inside the C++ kernels reaches Python as a RuntimeError with its message,
+    numbers formatted (a kdops._C holding its own static copy of libstdc++ crashed here)."""
+    params, grads = [torch.randn(3, 4)], [torch.randn(3, 4).double()]
+    lr = torch.tensor(0.1, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="tensors of position 0 must share"):
+        torch.ops.kdops.pilot_sgd_step(params, grads, None, lr, None, None, 0.0, False, False,
+                                       [False, False, False])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="libstdc++ is Linux's runtime")
+def test_extension_uses_the_process_libstdcxx():
+    """kdops._C resolves the C++ runtime to the shared libstdc++ that torch uses, not to a
+    copy linked into it: two copies in one process share no locale state."""
+    import ctypes
+
+    from kdops import _C
+
+    symbol = "_ZNSt6locale7classicEv"    # std::locale::classic()
+    ours = ctypes.cast(getattr(ctypes.CDLL(_C.__file__), symbol), ctypes.c_void_p).value
+    shared = ctypes.cast(getattr(ctypes.CDLL("libstdc++.so.6"), symbol), ctypes.c_void_p).value
+    assert ours == shared
