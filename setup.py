@@ -34,9 +34,9 @@ EXACT_SOURCES = {"csrc/cpu/pilot_sgd.cpp"}
 
 
 # The C++ runtime by its shared object, ahead of the compiler driver's own -lstdc++: on an
-# H100 machine's image (Ubuntu 24.04, GCC 13.3, torch 2.11) the link put a static copy of
-# libstdc++ into kdops._C, and that second copy beside torch's crashed wherever an error
-# message formats a number (tests/test_native.py checks for one copy).
+# H100 machine's image (torch 2.11, its compiler /opt/gcc/bin/g++ 13.3) the link put a static
+# copy of libstdc++ into kdops._C, and that second copy beside torch's crashed wherever an
+# error message formats a number (tests/test_native.py checks for one copy).
 SHARED_CXX_RUNTIME = ["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else []
 
 

@@ -8,8 +8,8 @@ the op's kernels recompile for it. Per variant and op (the forward; the backward
 student; the double backward of MetaDistil's product, ∂⟨v, ∂L/∂s⟩/∂(s, t)): the median of
 triton.testing.do_bench (CUDA events) over `--rounds` rounds, the variants taking turns in
 each round, so that a drift of the clock or the card's temperature hits them alike. Every
-variant's outputs must equal the first's (the [N, V] outputs bit for bit). Prints a table
-and writes the numbers as JSON (--json).
+variant's outputs must match the first's to rounding (`_tolerance`). Prints a table and
+writes the numbers as JSON (--json).
 """
 import argparse
 import json
@@ -45,6 +45,14 @@ def _ops(s, t, v, divergence):
     }
 
 
+def _tolerance(x):
+    """Another tile sums a row in another order: its rounding may move a [N, V] output by one
+    unit of the logits' dtype (where it rounds to bf16, 2⁻⁸ relative)."""
+    if x.element_size() == 2:
+        return dict(rtol=2 ** -7, atol=1e-6)
+    return dict(rtol=1e-5, atol=1e-6)
+
+
 def _snapshot():
     """The launch module's globals, its tables copied (a variant may change them in place)."""
     return {k: dict(x) if isinstance(x, dict) else x for k, x in vars(launch).items()}
@@ -73,10 +81,7 @@ def main():
                 if round_ == 0:
                     want = first.setdefault(op, out)
                     for a, b in zip(out, want):
-                        if a.dim() == 2:
-                            assert torch.equal(a, b), (variant, op)
-                        else:
-                            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+                        torch.testing.assert_close(a, b, **_tolerance(a), msg=variant)
                 times[variant, op].append(triton.testing.do_bench(fn, return_mode="median"))
     _restore(table)
     rows = [dict(variant=variant or "(as is)", op=op, median_ms=statistics.median(ms),

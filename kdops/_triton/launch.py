@@ -22,23 +22,24 @@ from .kd_forward import kd_forward_kernel
 
 # (elements per tile, warps) per kernel. Rows longer than the short-row tile get one program
 # each and are streamed in blocks of the long-row tile; shorter rows share a program, several
-# rows per tile. The sizes keep the float32/bfloat16 variants free of register spills on sm_90
-# (but 8 bytes in the float32 long-row double backward of the reverse KL; float64, the
-# gradcheck dtype, spills); tests/compile_triton.py reports registers and spills
-# (benchmarks/results/sm90-triton-registers.jsonl). Timed on an H100 only at V = 128256
-# (benchmarks/results/h100-notes.md), with the forward's long rows in tiles of 4096 and 8
-# warps; 2048 and 4 warps is the same code per thread (16 elements of each tensor) at the same
-# occupancy, without the 8-byte spill ptxas chose for the JSD there. A table, not autotuning:
-# no benchmark pass at first call, and the same launch on every run (reproducible results).
+# rows per tile. Chosen by timing on an H100 (benchmarks/triton_variants.py; results in
+# benchmarks/results/h100-variants-*.json): at V = 100 small tiles with few warps won (512 ×
+# 2 warps: forward 0.146 → 0.054 ms, backward 0.047 → 0.034 ms at 65536 × 100 bf16; 512 × 4
+# for the double backward, 0.161 → 0.104 ms); at V = 32000 and 128256 no tried alternative
+# to the long-row tiles beat them. No float32/bfloat16 variant spills registers on sm_90 but
+# the float32 long-row double backward of the reverse KL (8 bytes; float64, the gradcheck
+# dtype, spills); tests/compile_triton.py reports registers and spills
+# (benchmarks/results/sm90-triton-registers.jsonl). A table, not autotuning: no benchmark
+# pass at first call, and the same launch on every run (reproducible results).
 LONG_ROWS = {"forward": (2048, 4), "backward": (4096, 8), "double_backward": (2048, 4)}
-SHORT_ROWS = {"forward": (2048, 8), "backward": (1024, 4), "double_backward": (1024, 8)}
+SHORT_ROWS = {"forward": (512, 2), "backward": (512, 2), "double_backward": (512, 4)}
 # Passes after the first walk a long row in the opposite direction (rows.block_cols).
 ALTERNATE_PASSES = True
 
 
 def launch_config(kernel: str, n: int, v: int) -> dict:
-    """ROWS, BLOCK_V and num_warps of a kernel for [n, v] logits (V = 100: 8 rows per
-    program, so 65536 short rows still fill the GPU; V = 128256: one row in 32 blocks)."""
+    """ROWS, BLOCK_V and num_warps of a kernel for [n, v] logits (V = 100: 4 rows per
+    program, 16384 programs for 65536 short rows; V = 128256: one row in 32 to 63 blocks)."""
     block_v = triton.next_power_of_2(v)
     tile, warps = SHORT_ROWS[kernel]
     if block_v > tile:
