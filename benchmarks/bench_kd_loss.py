@@ -114,7 +114,8 @@ def test_kd_loss(benchmark, inputs, mode, impl, divergence):
             torch.testing.assert_close(got.double(), want, **tol)
         benchmark.group = f"{divergence} {mode} {s.shape[0]}x{s.shape[1]}"
         benchmark.extra_info.update(
-            mode=mode, impl=impl, divergence=divergence, shape=list(s.shape), dtype=str(dtype).removeprefix("torch."),
+            mode=mode, impl=impl, divergence=divergence, shape=list(s.shape),
+            dtype=str(dtype).removeprefix("torch."),
             threads=torch.get_num_threads(), torch=torch.__version__,
             peak_extra_nv_fp32=peak_extra(run, args, s.numel() * 4))
         benchmark.pedantic(run, args=args, rounds=10 if s.numel() > 1e6 else 50, warmup_rounds=1)

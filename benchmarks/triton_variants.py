@@ -29,18 +29,18 @@ def _ops(s, t, v, divergence):
     """The three ops on these logits, as closures, with the forward's statistics."""
     n = s.shape[0]
     tau = torch.full((n,), TEMPERATURE, device=s.device)
-    ones = torch.full((n,), TEMPERATURE ** 2 / n, device=s.device)
-    zeros = torch.zeros(n, device=s.device)
+    grad_div = torch.full((n,), TEMPERATURE ** 2 / n, device=s.device)  # batchmean · T²
+    grad_ce = torch.zeros(n, device=s.device)
     common = (s, t, tau, tau, None)
     args = dict(ignore_index=-100, divergence=divergence, beta=0.5, with_ce=False)
     _, _, stats = launch.kd_forward(*common, **args)
     return {
         "forward": lambda: launch.kd_forward(*common, **args),
-        "backward": lambda: launch.kd_backward(ones, zeros, *common, stats,
+        "backward": lambda: launch.kd_backward(grad_div, grad_ce, *common, stats,
                                                output_mask=(True, False, False, False),
                                                **args),
         "double_backward": lambda: launch.kd_double_backward(
-            v, None, None, None, ones, zeros, *common, stats,
+            v, None, None, None, grad_div, grad_ce, *common, stats,
             output_mask=(False, False, True, True, False, False), **args),
     }
 
