@@ -13,7 +13,11 @@ meta-parameters) in one of three ways:
     loss kernel on the logits, then one backward through the teacher. No create_graph through
     any network. Exact for one pilot step of SGD, with weight decay and momentum (K is the
     momentum's factor on the gradient: 1, 1 − dampening, or 1 + m·(1 − dampening) for
-    Nesterov; the buffers do not depend on w).
+    Nesterov; the buffers do not depend on w). z comes from the pilot's own forward of the
+    student, recorded by a `tangent.TangentTape`: only the tangent terms run (two
+    convolutions per convolution, say), not the forward again. Where the tape cannot replay
+    that forward exactly (an in-place or random operator it has no rule for, a compiled
+    region) a warning says why and torch.func.jvp runs a second forward instead.
 ``"autograd"``: create_graph through the student's backward, the fused loss and the fused pilot
     step: the exact reference, at the cost of a second-order graph of the student.
 ``"finite_difference"``: z ≈ (s(θ + εu) − s(θ − εu)) / 2ε with ε = `fd_eps`/‖u‖ (DistPro's

@@ -1,6 +1,8 @@
 """The meta-gradient through one pilot step, in the three modes of `kdops.meta`."""
 from __future__ import annotations
 
+import contextlib
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -11,6 +13,7 @@ from torch.func import functional_call, jvp
 from .._pilot_autograd import step_coefficients
 from ..loss import fused_kd_loss
 from ..pilot import pilot_sgd_step
+from .tangent import TangentTape, UnsupportedForward
 from .train_mode import PhaseTimer, _ReplayRng, _untimed, frozen_batch_norm_stats
 
 MODES = ("jvp", "autograd", "finite_difference")
@@ -69,7 +72,9 @@ def meta_gradient(student: nn.Module, teacher_logits: Tensor, inputs, labels: Te
                     quiz_loss=quiz.detach())
     # Graph-free modes: the loss is differentiated on the logits only.
     with phase("pilot"):
-        s = student(inputs)
+        tape = TangentTape(theta) if mode == "jvp" else None
+        with tape or contextlib.nullcontext():
+            s = student(inputs)
         s_leaf = s.detach().requires_grad_()
         pilot = fused_kd_loss(s_leaf, teacher_logits, labels=labels, **kd_kwargs)
         (g_s,) = torch.autograd.grad(pilot, s_leaf, create_graph=True)
@@ -81,7 +86,8 @@ def meta_gradient(student: nn.Module, teacher_logits: Tensor, inputs, labels: Te
         quiz = _quiz(student, dict(zip(names, fast)), quiz_inputs, quiz_labels, quiz_loss)
         u = torch.autograd.grad(quiz, fast)
     with phase("meta_gradient"):
-        z = _student_jvp(student, names, theta, u, inputs, rng, mode, fd_eps)
+        z = _student_jvp(student, names, theta, u, inputs, rng, mode, fd_eps, tape, s)
+        del tape
         # θ' = θ − lr·(K·g + terms free of the meta-parameters): K, the step's factor on g.
         m = None if isinstance(momentum, (int, float)) and momentum == 0 else momentum
         factor = step_coefficients(m, dampening, nesterov, momentum_buffers is not None)[0]
@@ -97,9 +103,19 @@ def _quiz(student, fast, quiz_inputs, quiz_labels, quiz_loss):
         return quiz_loss(functional_call(student, fast, (quiz_inputs,)), quiz_labels)
 
 
-def _student_jvp(student, names, theta, u, inputs, rng, mode, fd_eps):
+def _student_jvp(student, names, theta, u, inputs, rng, mode, fd_eps, tape, s):
     """z = J_s(θ)·u: the student's logits on `inputs` differentiated along u, forward-mode or
-    by central differences, with the pilot forward's dropout masks and batch statistics."""
+    by central differences, with the pilot forward's dropout masks and batch statistics.
+
+    In "jvp" mode the tangents of the pilot forward's recorded operators (`TangentTape`), or,
+    where the tape cannot replay that forward, torch.func.jvp of a second forward."""
+    if tape is not None:
+        try:
+            return tape.jvp(s, u)
+        except UnsupportedForward as e:
+            warnings.warn(f"kdops.meta: the student's JVP runs a second forward with "
+                          f"torch.func.jvp, since its recorded forward cannot be replayed: {e}",
+                          stacklevel=4)
     primals = tuple(p.detach() for p in theta)
 
     def logits(*params):
