@@ -10,6 +10,8 @@ Cases: "cifar", a CIFAR ResNet-56 teacher and ResNet-20 student (He et al.; batc
 teacher's meta-update from a quiz batch, the student's real step with the updated teacher
 (SGD, lr 0.1, τ = 4, α = 0.5). Implementations:
   kdops_jvp       kdops.meta.metadistil_step(mode="jvp"): graph-free meta-gradient
+  kdops_jvp_recompute  the same with recompute_student=True: the student's pilot graph is
+                  freed before the quiz and its forward run again (lower peak memory)
   kdops_autograd  kdops.meta.metadistil_step(mode="autograd"): create_graph through kdops' ops
   plain           what MetaDistil-style code does: RepDistiller's DistillKL (F.kl_div) + CE,
                   create_graph, `p - lr * g` per tensor, and a second student forward for the
@@ -92,15 +94,16 @@ def plain_step(student, teacher, s_opt, t_opt, x, y, xq, yq, timer):
         s_opt.step()
 
 
-def kdops_step(mode):
+def kdops_step(mode, recompute_student=False):
     def step(student, teacher, s_opt, t_opt, x, y, xq, yq, timer):
         meta.metadistil_step(student, teacher, s_opt, t_opt, x, y, xq, yq, mode=mode,
-                             temperature=TEMPERATURE, alpha=ALPHA, timer=timer)
+                             recompute_student=recompute_student, temperature=TEMPERATURE,
+                             alpha=ALPHA, timer=timer)
     return step
 
 
-IMPLS = {"kdops_jvp": kdops_step("jvp"), "kdops_autograd": kdops_step("autograd"),
-         "plain": plain_step}
+IMPLS = {"kdops_jvp": kdops_step("jvp"), "kdops_jvp_recompute": kdops_step("jvp", True),
+         "kdops_autograd": kdops_step("autograd"), "plain": plain_step}
 
 
 @pytest.fixture(scope="module", params=_cases())

@@ -7,7 +7,8 @@
 # build        compiles kdops._C with the CUDA kernels for sm_90 in place and copies it,
 #              stripped, to $OUT (to carry next time: skipped when a build is already there)
 # gpu_tests    the GPU tests: Triton kernels against float64, 64-bit offsets, no host sync,
-#              the CUDA pilot kernels bit for bit against the CPU ones, one launch per direction
+#              the CUDA pilot kernels bit for bit against the CPU ones, one launch per direction,
+#              the tangent replay of kdops.meta on CUDA networks (cuDNN batch norm)
 # sanitize     compute-sanitizer memcheck over one run of each kernel (tests/sanitize_kernels.py)
 # bench_kd     benchmarks/bench_kd_loss_gpu.py (KDOPS_BENCH_SHAPES / _DTYPES pick a subset,
 #              KDOPS_BENCH_K a pytest -k expression, KDOPS_BENCH_TAG a suffix of its JSON)
@@ -50,7 +51,8 @@ build() {
 }
 
 gpu_tests() {
-    python3 -m pytest -q -n 8 tests/test_triton.py tests/test_pilot.py --junitxml="$OUT/gpu-tests.xml"
+    python3 -m pytest -q -n 8 tests/test_triton.py tests/test_pilot.py tests/test_tangent.py \
+        --junitxml="$OUT/gpu-tests.xml"
 }
 
 sanitize() {

@@ -68,8 +68,9 @@ STEPS = {
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 @pytest.mark.parametrize("step_name", list(STEPS))
-@pytest.mark.parametrize("mode", ["jvp", "autograd"])
+@pytest.mark.parametrize("mode", ["jvp", "jvp-recompute", "autograd"])
 def test_meta_gradient_matches_plain_create_graph(kind, step_name, mode):
+    mode, _, recompute = mode.partition("-")
     x, y, xq, yq = batches(kind)
     kd = dict(alpha=0.7, divergence="kl")
     step = dict(STEPS[step_name])
@@ -85,7 +86,8 @@ def test_meta_gradient_matches_plain_create_graph(kind, step_name, mode):
         else:
             out = meta.meta_gradient(student, teacher(x), x, y, xq, yq,
                                      [*teacher.parameters(), tau], lr=0.3, mode=mode,
-                                     temperature=tau, **step, **kd)
+                                     recompute_student=bool(recompute), temperature=tau,
+                                     **step, **kd)
             grads = out["meta_grads"]
         runs.append((grads, {k: v.clone() for k, v in student.named_buffers()}))
     (want, want_buffers), (got, got_buffers) = runs
@@ -113,7 +115,8 @@ def test_finite_difference_agrees_to_second_order(kind):
     assert err[1] < err[0] / 30, err                          # O(ε²): 100× for 10× smaller ε
 
 
-def test_metadistil_step_modes_agree_and_update_each_network_once():
+@pytest.mark.parametrize("recompute", [False, True])
+def test_metadistil_step_modes_agree_and_update_each_network_once(recompute):
     x, y, xq, yq = batches("cnn", seed=5)
     states = []
     for mode in ("autograd", "jvp"):
@@ -123,6 +126,7 @@ def test_metadistil_step_modes_agree_and_update_each_network_once():
         before = copy.deepcopy((student.state_dict(), teacher.state_dict()))
         for _ in range(2):                                     # the second uses the buffers
             out = meta.metadistil_step(student, teacher, s_opt, t_opt, x, y, xq, yq, mode=mode,
+                                       recompute_student=recompute and mode == "jvp",
                                        temperature=3.0, alpha=0.5, pilot_lr=0.15)
         assert set(out) == {"loss", "pilot_loss", "quiz_loss"}
         states.append((student.state_dict(), teacher.state_dict()))
@@ -202,3 +206,6 @@ def test_bad_mode_raises():
     with pytest.raises(ValueError, match="mode"):
         meta.meta_gradient(student, teacher(x), x, y, xq, yq, list(teacher.parameters()),
                            lr=0.1, mode="hessian")
+    with pytest.raises(ValueError, match="recompute_student"):
+        meta.meta_gradient(student, teacher(x), x, y, xq, yq, list(teacher.parameters()),
+                           lr=0.1, mode="autograd", recompute_student=True)

@@ -212,12 +212,12 @@ def _counting(net):
     return calls
 
 
-def _meta_grads(student, teacher, mode):
+def _meta_grads(student, teacher, mode, **kwargs):
     torch.manual_seed(3)
     x, xq = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
     y, yq = torch.randint(0, 4, (6,)), torch.randint(0, 4, (6,))
     out = meta.meta_gradient(student, teacher(x), x, y, xq, yq, list(teacher.parameters()),
-                             lr=0.2, mode=mode, temperature=2.0)
+                             lr=0.2, mode=mode, temperature=2.0, **kwargs)
     return out["meta_grads"]
 
 
@@ -228,6 +228,16 @@ def test_jvp_mode_runs_the_student_forward_once_at_theta():
     jvp_grads = _meta_grads(student, teacher, "jvp")
     assert len(calls) == 2                   # the pilot's forward and the quiz's, nothing more
     for got, want in zip(jvp_grads, _meta_grads(student, teacher, "autograd")):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
+
+
+def test_recompute_student_runs_it_again_after_the_quiz_and_agrees():
+    torch.manual_seed(0)
+    student, teacher = nn.Linear(3, 4).double(), nn.Linear(3, 4).double()
+    calls = _counting(student)
+    grads = _meta_grads(student, teacher, "jvp", recompute_student=True)
+    assert len(calls) == 3
+    for got, want in zip(grads, _meta_grads(student, teacher, "autograd")):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
 
 

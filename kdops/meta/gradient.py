@@ -24,8 +24,8 @@ def meta_gradient(student: nn.Module, teacher_logits: Tensor, inputs, labels: Te
                   mode: str = "jvp", weight_decay=0.0, momentum=0.0, momentum_buffers=None,
                   dampening: float = 0.0, nesterov: bool = False,
                   quiz_loss: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
-                  fd_eps: float = 1e-3, timer: PhaseTimer | None = None,
-                  **kd_kwargs) -> dict:
+                  fd_eps: float = 1e-3, recompute_student: bool = False,
+                  timer: PhaseTimer | None = None, **kd_kwargs) -> dict:
     """∇ L_q(θ') with respect to `meta_params`, θ' one SGD step of `student` on the KD loss.
 
     Args:
@@ -40,6 +40,11 @@ def meta_gradient(student: nn.Module, teacher_logits: Tensor, inputs, labels: Te
         lr, weight_decay, momentum, momentum_buffers, dampening, nesterov: the pilot step,
             as `kdops.pilot_sgd_step` (momentum_buffers: the student optimizer's, or None).
         mode: "jvp", "autograd" or "finite_difference" (module docstring).
+        recompute_student: graph-free modes only. False: the pilot's forward of the student
+            is kept (its graph for "student_logits", its record for the JVP) through the
+            quiz. True: it is freed after the pilot's backward and run again after the quiz,
+            with the same dropout masks and batch statistics: the peak holds one student
+            graph instead of two (the pilot's beside the quiz's), for one more forward.
         timer: a `PhaseTimer` to accumulate the time of each phase in, or None.
         kd_kwargs: `fused_kd_loss` arguments (temperature, alpha, divergence, ...).
 
@@ -49,6 +54,9 @@ def meta_gradient(student: nn.Module, teacher_logits: Tensor, inputs, labels: Te
     """
     if mode not in MODES:
         raise ValueError(f"meta_gradient: mode must be one of {MODES}, got {mode!r}")
+    if recompute_student and mode == "autograd":
+        raise ValueError("meta_gradient: recompute_student applies to the graph-free modes; "
+                         "mode='autograd' differentiates through the pilot's graph")
     named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("meta_gradient: the student has no trainable parameters")
@@ -72,13 +80,15 @@ def meta_gradient(student: nn.Module, teacher_logits: Tensor, inputs, labels: Te
                     quiz_loss=quiz.detach())
     # Graph-free modes: the loss is differentiated on the logits only.
     with phase("pilot"):
-        tape = TangentTape(theta) if mode == "jvp" else None
+        tape = TangentTape(theta) if mode == "jvp" and not recompute_student else None
         with tape or contextlib.nullcontext():
             s = student(inputs)
         s_leaf = s.detach().requires_grad_()
         pilot = fused_kd_loss(s_leaf, teacher_logits, labels=labels, **kd_kwargs)
         (g_s,) = torch.autograd.grad(pilot, s_leaf, create_graph=True)
-        grads = torch.autograd.grad(s, theta, g_s.detach(), retain_graph=True)
+        grads = torch.autograd.grad(s, theta, g_s.detach(), retain_graph=not recompute_student)
+        if recompute_student:
+            s = None
         with torch.no_grad():
             fast = pilot_sgd_step([p.detach() for p in theta], grads, lr, **step)
         fast = [p.requires_grad_() for p in fast]
@@ -86,6 +96,8 @@ def meta_gradient(student: nn.Module, teacher_logits: Tensor, inputs, labels: Te
         quiz = _quiz(student, dict(zip(names, fast)), quiz_inputs, quiz_labels, quiz_loss)
         u = torch.autograd.grad(quiz, fast)
     with phase("meta_gradient"):
+        if recompute_student:
+            s, tape = _forward_again(student, inputs, rng, theta if mode == "jvp" else None)
         z = _student_jvp(student, names, theta, u, inputs, rng, mode, fd_eps, tape, s)
         del tape
         # θ' = θ − lr·(K·g + terms free of the meta-parameters): K, the step's factor on g.
@@ -101,6 +113,14 @@ def _quiz(student, fast, quiz_inputs, quiz_labels, quiz_loss):
     """The quiz loss of the pilot student (running statistics untouched)."""
     with frozen_batch_norm_stats(student):
         return quiz_loss(functional_call(student, fast, (quiz_inputs,)), quiz_labels)
+
+
+def _forward_again(student, inputs, rng, theta):
+    """The pilot's forward of the student at θ again, with its graph: the same dropout masks
+    and batch statistics, the running statistics untouched; recorded when θ is given."""
+    tape = TangentTape(theta) if theta is not None else None
+    with rng.replay(), frozen_batch_norm_stats(student), tape or contextlib.nullcontext():
+        return student(inputs), tape
 
 
 def _student_jvp(student, names, theta, u, inputs, rng, mode, fd_eps, tape, s):

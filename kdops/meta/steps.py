@@ -48,8 +48,8 @@ def metadistil_step(student: nn.Module, teacher: nn.Module,
                     teacher_optimizer: torch.optim.Optimizer, inputs, labels: Tensor,
                     quiz_inputs, quiz_labels: Tensor, *, mode: str = "jvp", pilot_lr=None,
                     quiz_loss: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
-                    fd_eps: float = 1e-3, timer: PhaseTimer | None = None,
-                    **kd_kwargs) -> dict:
+                    fd_eps: float = 1e-3, recompute_student: bool = False,
+                    timer: PhaseTimer | None = None, **kd_kwargs) -> dict:
     """One MetaDistil step (Algorithm 1 of the paper, as its CV code runs it).
 
     1. Pilot: the student's KD loss on (inputs, labels) against the teacher, one SGD step of
@@ -58,7 +58,8 @@ def metadistil_step(student: nn.Module, teacher: nn.Module,
     2. Teacher: its gradients are set to ∇w L_q(θ'(w)) (`meta_gradient`, `mode`) and
        `teacher_optimizer` steps.
     3. Student: the KD loss against the updated teacher, backpropagated through the pilot's
-       forward of the student (θ has not changed, so it is not run again), and
+       forward of the student (θ has not changed, so it is not run again; with
+       `recompute_student` it is, once, after the quiz: see `meta_gradient`), and
        `student_optimizer` steps.
 
     BatchNorm running statistics move once per step for each network: the student's in the
@@ -74,7 +75,7 @@ def metadistil_step(student: nn.Module, teacher: nn.Module,
         teacher_logits = teacher(inputs)
     out = meta_gradient(student, teacher_logits, inputs, labels, quiz_inputs, quiz_labels,
                         teacher_params, lr=lr, mode=mode, quiz_loss=quiz_loss, fd_eps=fd_eps,
-                        timer=timer, **step, **kd_kwargs)
+                        recompute_student=recompute_student, timer=timer, **step, **kd_kwargs)
     with phase("teacher_update"):
         teacher_optimizer.zero_grad(set_to_none=True)
         for p, g in zip(teacher_params, out["meta_grads"]):
@@ -95,13 +96,14 @@ def mkd_step(student: nn.Module, teacher: nn.Module, temperature: LearnableTempe
              temperature_optimizer: torch.optim.Optimizer, inputs, labels: Tensor,
              quiz_inputs, quiz_labels: Tensor, *, mode: str = "jvp", pilot_lr=None,
              quiz_loss: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
-             fd_eps: float = 1e-3, **kd_kwargs) -> dict:
+             fd_eps: float = 1e-3, recompute_student: bool = False, **kd_kwargs) -> dict:
     """One MKD step: the temperature is the meta-parameter, the teacher is fixed.
 
     1. τ = temperature(teacher logits); pilot step of the student on the KD loss at τ, quiz.
     2. The temperature's parameters get ∇ L_q(θ'(τ)) (`meta_gradient`, `mode`: the τ terms of
        the same second-order kernel) and `temperature_optimizer` steps.
-    3. The student steps on the KD loss at the updated τ, reusing the pilot's forward.
+    3. The student steps on the KD loss at the updated τ, reusing the pilot's forward (or its
+       recomputation, `recompute_student`: see `meta_gradient`).
 
     The scale of the KD term is τ² (the `fused_kd_loss` default, differentiated). Returns a dict
     of detached values: "loss", "pilot_loss", "quiz_loss", "temperature" (the τ used).
@@ -113,7 +115,8 @@ def mkd_step(student: nn.Module, teacher: nn.Module, temperature: LearnableTempe
     meta_params = [p for p in temperature.parameters() if p.requires_grad]
     out = meta_gradient(student, teacher_logits, inputs, labels, quiz_inputs, quiz_labels,
                         meta_params, lr=lr, mode=mode, quiz_loss=quiz_loss, fd_eps=fd_eps,
-                        temperature=tau, **step, **kd_kwargs)
+                        recompute_student=recompute_student, temperature=tau, **step,
+                        **kd_kwargs)
     temperature_optimizer.zero_grad(set_to_none=True)
     for p, g in zip(meta_params, out["meta_grads"]):
         p.grad = g
