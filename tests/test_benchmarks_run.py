@@ -34,7 +34,7 @@ def test_pilot_sgd_benchmarks_run():
 
 def test_meta_step_benchmarks_run():
     out = run_suite("bench_meta_step.py", KDOPS_BENCH_META="digits_mlp")
-    assert "3 passed" in out
+    assert "4 passed" in out
 
 
 def test_gpu_kd_loss_benchmarks_run_interpreted():
