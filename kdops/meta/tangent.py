@@ -20,13 +20,15 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple, Sequence
 
+import itertools
+
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.weak import WeakTensorKeyDictionary
 
 aten = torch.ops.aten
+_TAG = "_kdops_tangent_slot"    # (tape serial, slot) on each tensor a tape tracks
 
 
 class UnsupportedForward(RuntimeError):
@@ -59,26 +61,32 @@ class TangentTape:
         with tape:
             out = model(x)
         z = tape.jvp(out, tangents)      # J_out(params)·tangents, or UnsupportedForward
+
+    A tracked tensor carries its slot (the index of its tangent) as an attribute, tagged with
+    the tape's serial number; the tape holds no reference to it unless a rule keeps it.
     """
 
+    _serials = itertools.count()
+
     def __init__(self, sources: Sequence[Tensor]):
-        self._slot = WeakTensorKeyDictionary()
-        self._version = []
-        for p in sources:
-            self._slot[p] = len(self._version)
-            self._version.append(p._version)
-        self._sources = len(self._version)
+        self._serial = next(self._serials)
+        self._sources = list(sources)
+        self._version = [p._version for p in self._sources]
         self._entries: list[_Entry] = []
         self._refusal: str | None = None
         self._unsettled: list = []     # (slot, tensor) of the last operator's outputs
         self._mode = _Recorder(self)
 
     def __enter__(self):
+        for slot, p in enumerate(self._sources):
+            setattr(p, _TAG, (self._serial, slot))
         self._mode.__enter__()
         return self
 
     def __exit__(self, *exc):
         self._settle()
+        for p in self._sources:               # the caller's parameters keep no trace
+            delattr(p, _TAG)
         return self._mode.__exit__(*exc)
 
     def jvp(self, output: Tensor, tangents: Sequence[Tensor]) -> Tensor:
@@ -88,13 +96,13 @@ class TangentTape:
         forward cannot be replayed (module docstring)."""
         if self._refusal is not None:
             raise UnsupportedForward(self._refusal)
-        target = self._slot.get(output)
-        if target is None or target < self._sources:
+        target = self._slot(output)
+        if target is None or target < len(self._sources):
             raise UnsupportedForward("the output was not computed from the sources by the "
                                      "recorded operators")
-        if len(tangents) != self._sources:
+        if len(tangents) != len(self._sources):
             raise ValueError(f"TangentTape.jvp: {len(tangents)} tangents for "
-                             f"{self._sources} sources")
+                             f"{len(self._sources)} sources")
         last_use = {}
         for i, entry in enumerate(self._entries):
             for s in _flat_slots(entry.slots):
@@ -112,10 +120,14 @@ class TangentTape:
                     if s is not None and t is not None:
                         tan[s] = t
                 for s in _flat_slots(entry.slots):
-                    if last_use[s] == i and s >= self._sources and s != target:
+                    if last_use[s] == i and s >= len(self._sources) and s != target:
                         tan.pop(s, None)
         z = tan.get(target)
         return torch.zeros_like(output) if z is None else z
+
+    def _slot(self, x: Tensor):
+        tag = getattr(x, _TAG, None)
+        return tag[1] if tag is not None and tag[0] == self._serial else None
 
     def _settle(self) -> None:
         """Notes the versions of the last operator's outputs. Autograd sets them after the
@@ -130,6 +142,79 @@ class TangentTape:
             self._refusal = why
             self._entries.clear()
 
+    def _input_slots(self, func, args):
+        """Per argument its slot, a tuple of slots for a tensor list, or None (untracked);
+        None instead of the list when no argument is tracked or the tape refuses: a tensor
+        that requires grad but is untracked, or is tracked at another version."""
+        slots, tracked = [], False
+        for a in args:
+            if isinstance(a, Tensor):
+                slot = self._check(func, a)
+            elif isinstance(a, (list, tuple)) and a and (a[0] is None
+                                                         or isinstance(a[0], Tensor)):
+                slot = tuple(self._check(func, x) if isinstance(x, Tensor) else None
+                             for x in a)
+                slot = slot if any(s is not None for s in slot) else None
+            else:
+                slot = None
+            if self._refusal is not None:
+                return None
+            tracked = tracked or slot is not None
+            slots.append(slot)
+        return slots if tracked else None
+
+    def _check(self, func, x):
+        slot = self._slot(x)
+        if slot is None:
+            if x.requires_grad:
+                self._refuse(f"{func} reads a tensor that requires grad but was not computed "
+                             "by the recorded operators")
+        elif x._version != self._version[slot]:
+            self._refuse(f"{func} reads a tensor changed in place by an operator that did not "
+                         "update its tangent")
+        return slot
+
+    def _record(self, func, args, kwargs):
+        """Runs one operator, noting it when it reads a tracked tensor."""
+        if self._unsettled:
+            self._settle()
+        if self._refusal is not None or func in _VALUE_FREE:
+            return func(*args, **kwargs)
+        slots = self._input_slots(func, args)
+        if slots is None:
+            return func(*args, **kwargs)
+        if any(isinstance(v, Tensor) and self._slot(v) is not None for v in kwargs.values()):
+            self._refuse(f"{func} takes a tracked tensor as a keyword argument")
+            return func(*args, **kwargs)
+        rule = _RULES.get(func)
+        if rule is None and not _replayable(func):
+            self._refuse(f"no tangent rule for {func} (in place or random)")
+            return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+        tracked = [s is not None for s in slots]
+        keep_args, keep_outs = rule.keep(tracked, args) if rule else (range(len(args)), ())
+        kept_args = tuple(a if i in keep_args or not _has_tensor(a) else None
+                          for i, a in enumerate(args))
+        kept_outs = tuple(o if i in keep_outs else None for i, o in enumerate(outs))
+        out_slots = []
+        for o in outs:
+            if isinstance(o, Tensor) and (o.is_floating_point() or o.is_complex()):
+                slot = len(self._version)
+                setattr(o, _TAG, (self._serial, slot))
+                self._unsettled.append((slot, o))
+                self._version.append(None)
+                out_slots.append(slot)
+            else:
+                out_slots.append(None)
+        versions = [(t, t._version, None) for i in keep_args for t in _tensors(args[i])]
+        versions += [(o, None, s) if s is not None else (o, o._version, None)
+                     for o, s in zip(kept_outs, out_slots) if o is not None]
+        meta = tuple((o.shape, o.dtype) if isinstance(o, Tensor) else None for o in outs)
+        self._entries.append(_Entry(func, rule, kept_args, kwargs, tuple(slots), kept_outs,
+                                    tuple(out_slots), meta, tuple(versions)))
+        return out
+
 
 class _Recorder(TorchDispatchMode):
     def __init__(self, tape: TangentTape):
@@ -137,75 +222,7 @@ class _Recorder(TorchDispatchMode):
         self.tape = tape
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        tape = self.tape
-        tape._settle()
-        if tape._refusal is not None:
-            return func(*args, **kwargs)
-        slots = tuple(_slots_of(a, tape) for a in args)
-        if any(isinstance(v, Tensor) and tape._slot.get(v) is not None for v in kwargs.values()):
-            tape._refuse(f"{func} takes a tracked tensor as a keyword argument")
-            return func(*args, **kwargs)
-        tracked = [s is not None and (not isinstance(s, tuple) or any(x is not None for x in s))
-                   for s in slots]
-        if not any(tracked) or func in _VALUE_FREE:
-            return func(*args, **kwargs)
-        if not _inputs_current(args, slots, tape, func):
-            return func(*args, **kwargs)
-        rule = _RULES.get(func)
-        if rule is None and not _replayable(func):
-            tape._refuse(f"no tangent rule for {func} (in place or random)")
-            return func(*args, **kwargs)
-        out = func(*args, **kwargs)
-        outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
-        keep_args, keep_outs = rule.keep(tracked, args) if rule else (range(len(args)), ())
-        kept_args = tuple(a if i in keep_args else (None if _has_tensor(a) else a)
-                          for i, a in enumerate(args))
-        kept_outs = tuple(o if i in keep_outs else None for i, o in enumerate(outs))
-        out_slots = []
-        for o in outs:
-            if isinstance(o, Tensor) and (o.is_floating_point() or o.is_complex()):
-                tape._slot[o] = len(tape._version)
-                out_slots.append(len(tape._version))
-                tape._unsettled.append((len(tape._version), o))
-                tape._version.append(None)
-            else:
-                out_slots.append(None)
-        versions = tuple((t, t._version, None) for t in _tensors(kept_args))
-        versions += tuple((o, None, s) if s is not None else (o, o._version, None)
-                          for o, s in zip(kept_outs, out_slots) if isinstance(o, Tensor))
-        meta = tuple((o.shape, o.dtype) if isinstance(o, Tensor) else None for o in outs)
-        tape._entries.append(_Entry(func, rule, kept_args, kwargs, slots, kept_outs,
-                                    tuple(out_slots), meta, versions))
-        return out
-
-
-def _slots_of(a, tape):
-    if isinstance(a, Tensor):
-        return tape._slot.get(a)
-    if isinstance(a, (list, tuple)) and any(isinstance(x, Tensor) for x in a):
-        return tuple(tape._slot.get(x) if isinstance(x, Tensor) else None for x in a)
-    return None
-
-
-def _inputs_current(args, slots, tape, func) -> bool:
-    """Every tensor argument that requires grad is tracked, at the version its tangent
-    describes; refuses the tape otherwise."""
-    for a, s in zip(args, slots):
-        pairs = zip(a, s) if isinstance(s, tuple) else [(a, s)]
-        for x, slot in pairs:
-            if not isinstance(x, Tensor):
-                continue
-            if slot is None:
-                if x.requires_grad:
-                    tape._refuse(f"{func} reads a tensor that requires grad but was not "
-                                 "computed by the recorded operators")
-                    return False
-            elif x._version != tape._version[slot]:
-                tape._refuse(f"{func} reads a tensor changed in place by an operator that "
-                             "did not update its tangent")
-                return False
-    return True
+        return self.tape._record(func, args, kwargs or {})
 
 
 def _replayable(func) -> bool:
@@ -221,12 +238,12 @@ def _has_tensor(a) -> bool:
                                      and any(isinstance(x, Tensor) for x in a))
 
 
-def _tensors(items):
-    for a in items:
-        if isinstance(a, Tensor):
-            yield a
-        elif isinstance(a, (list, tuple)):
-            yield from (x for x in a if isinstance(x, Tensor))
+def _tensors(a):
+    if isinstance(a, Tensor):
+        return (a,)
+    if isinstance(a, (list, tuple)):
+        return tuple(x for x in a if isinstance(x, Tensor))
+    return ()
 
 
 def _flat_slots(slots):
@@ -321,32 +338,31 @@ def _batch_norm_rule(x_at, w_at, b_at, stats_at, training_at, eps_at, saved_at):
     """The rule of a batch norm operator, given where its arguments and saved statistics are.
 
     y = γ·x̂ + β with x̂ = (x − μ)·r, r = 1/√(σ² + ε) over the batch (training) or the running
-    statistics. Along x it is the batch norm's backward applied to dx: its Jacobian in x is
-    γ_c·r_c·(I − 11ᵀ/M − x̂x̂ᵀ/M) within each channel c, symmetric. Along (γ, β): dγ·x̂ + dβ.
+    statistics. Along x, in training, it is the batch norm's backward applied to dx: its
+    Jacobian in x is γ_c·r_c·(I − 11ᵀ/M − x̂x̂ᵀ/M) within each channel c, symmetric; with
+    running statistics it is γ_c·r_c. Along (γ, β): dγ·x̂ + dβ.
     """
     def tangent(args, targs, outs, meta, kwargs):
         x, weight = args[x_at], args[w_at]
         training = training_at is not None and args[training_at]
-        eps = args[eps_at]
-        if training:                   # the running statistics are neither kept nor needed
-            running_mean = running_var = None
+        if training:
             mean, invstd = outs[saved_at], outs[saved_at + 1]
         else:
-            running_mean, running_var = args[stats_at], args[stats_at + 1]
-            mean, invstd = running_mean, torch.rsqrt(running_var + eps)
-        dx, dw = targs[x_at], targs[w_at]
-        db = targs[b_at]
+            mean, invstd = args[stats_at], torch.rsqrt(args[stats_at + 1] + args[eps_at])
+        dx, dw, db = targs[x_at], targs[w_at], targs[b_at]
+        shape = (1, -1) + (1,) * (len(meta[0][0]) - 2)
         terms = []
-        if dx is not None:
+        if dx is not None and training:
             terms.append(aten.native_batch_norm_backward(
-                dx, x, weight, running_mean, running_var, mean if training else None,
-                invstd if training else None, training, eps, [True, False, False])[0])
+                dx, x, weight, None, None, mean, invstd, True, args[eps_at],
+                [True, False, False])[0])
+        elif dx is not None:                       # running statistics: a per-channel scale
+            terms.append(dx * (invstd if weight is None else weight * invstd).view(shape))
         if dw is not None:                         # dγ·(x − μ)·r = x·(r·dγ) + (−μ·r·dγ)
-            shape = (1, -1) + (1,) * (x.dim() - 2)
             scale = invstd * dw
             terms.append(torch.addcmul((-mean * scale).view(shape), x, scale.view(shape)))
         if db is not None:
-            terms.append(db.view(1, -1, *([1] * (len(meta[0][0]) - 2))))
+            terms.append(db.view(shape))
         return (_sum(terms),) + (None,) * (len(meta) - 1)
 
     def keep(tracked, args):
