@@ -3,6 +3,7 @@
     python -m pytest benchmarks/bench_meta_step.py                  # cifar and digits_mlp
     KDOPS_BENCH_META=digits_mlp python -m pytest benchmarks/bench_meta_step.py
     KDOPS_BENCH_DEVICE=cuda python -m pytest benchmarks/bench_meta_step.py
+    python benchmarks/bench_meta_step.py cifar --rounds 40 --json out.json   # interleaved
 
 Cases: "cifar", a CIFAR ResNet-56 teacher and ResNet-20 student (He et al.; batch 64 of random
 32×32 inputs, 100 classes, train mode with BatchNorm), and "digits_mlp", the MLPs of
@@ -16,14 +17,20 @@ teacher's meta-update from a quiz batch, the student's real step with the update
   plain           what MetaDistil-style code does: RepDistiller's DistillKL (F.kl_div) + CE,
                   create_graph, `p - lr * g` per tensor, and a second student forward for the
                   real step
-Each case records in extra_info the mean seconds of each phase of a step over the timed rounds
+The pytest-benchmark suite times the implementations one after the other; run as a script, it
+interleaves them instead (one step of each in turn, `--rounds` times), so that a slow spell of a
+noisy host falls on all of them alike, and writes the medians to a JSON file. Each case records in extra_info the mean seconds of each phase of a step over the timed rounds
 (pilot, quiz, meta_gradient, teacher_update, real_step; the timer synchronizes CUDA) and one
 step's peak memory beyond its inputs (MiB: the CUDA allocator's peak on a GPU, peak RSS on a
 Linux CPU).
 """
+import argparse
 import copy
+import json
 import os
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -152,3 +159,60 @@ def _check_against_plain(reference, batch, student, teacher):
     for ref, got in ((ref_student, student), (ref_teacher, teacher)):
         for (name, a), b in zip(ref.named_parameters(), got.parameters()):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def interleaved(name, rounds):
+    """Per implementation: the median and interquartile range of a step's time, the median of
+    each phase, and one step's peak memory beyond its inputs, the rounds interleaved."""
+    student, teacher, batch = _setup(name)
+    batch = tuple(x.to(DEVICE) for x in batch)
+    runs = {}
+    for impl, step in IMPLS.items():
+        s, t = copy.deepcopy(student).to(DEVICE), copy.deepcopy(teacher).to(DEVICE)
+        args = (s, t, torch.optim.SGD(s.parameters(), lr=LR),
+                torch.optim.SGD(t.parameters(), lr=0.01), *batch)
+        step(*args, meta.PhaseTimer())                          # warm-up
+        runs[impl] = (step, args, peak_extra(step, (*args, meta.PhaseTimer()), 2 ** 20, DEVICE))
+    times = {impl: [] for impl in IMPLS}
+    phases = {impl: [] for impl in IMPLS}
+    for _ in range(rounds):
+        for impl, (step, args, _) in runs.items():
+            timer = meta.PhaseTimer()
+            synchronize()
+            start = time.perf_counter()
+            step(*args, timer)
+            synchronize()
+            times[impl].append(time.perf_counter() - start)
+            phases[impl].append(timer.seconds)
+    results = {}
+    for impl, ts in times.items():
+        q = statistics.quantiles(ts, n=4)
+        results[impl] = dict(
+            median_ms=round(statistics.median(ts) * 1e3, 3), iqr_ms=round((q[2] - q[0]) * 1e3, 3),
+            phase_ms={k: round(statistics.median(p[k] for p in phases[impl]) * 1e3, 3)
+                      for k in phases[impl][0]},
+            peak_extra_mib=runs[impl][2])
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description="MetaDistil steps, the implementations "
+                                     "interleaved round by round")
+    parser.add_argument("case", choices=["cifar", "digits_mlp"])
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    results = interleaved(args.case, args.rounds)
+    for impl, r in results.items():
+        print(f"{impl:22s} {r['median_ms']:9.2f} ms  iqr {r['iqr_ms']:7.2f}  "
+              f"peak {r['peak_extra_mib']} MiB  {r['phase_ms']}")
+    if args.json:
+        info = dict(case=args.case, rounds=args.rounds, device=DEVICE_NAME,
+                    torch=torch.__version__, threads=torch.get_num_threads(),
+                    git_sha=os.environ.get("KDOPS_GIT_SHA", "unknown"),
+                    batch=64, temperature=TEMPERATURE, alpha=ALPHA, lr=LR, results=results)
+        Path(args.json).write_text(json.dumps(info, indent=1))
+
+
+if __name__ == "__main__":
+    main()
