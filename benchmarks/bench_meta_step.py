@@ -19,7 +19,9 @@ teacher's meta-update from a quiz batch, the student's real step with the update
                   real step
 The pytest-benchmark suite times the implementations one after the other; run as a script, it
 interleaves them instead (one step of each in turn, `--rounds` times), so that a slow spell of a
-noisy host falls on all of them alike, and writes the medians to a JSON file. Each case records in extra_info the mean seconds of each phase of a step over the timed rounds
+noisy host falls on all of them alike, and writes the medians to a JSON file.
+
+Each case records in extra_info the mean seconds of each phase of a step over the timed rounds
 (pilot, quiz, meta_gradient, teacher_update, real_step; the timer synchronizes CUDA) and one
 step's peak memory beyond its inputs (MiB: the CUDA allocator's peak on a GPU, peak RSS on a
 Linux CPU).

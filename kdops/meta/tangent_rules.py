@@ -1,0 +1,219 @@
+"""The tangent rules of `TangentTape` (kdops.meta.tangent), per ATen operator.
+
+A rule gives the tangent of an operator's outputs from the tangents of its inputs (None: zero)
+and the primal values it reads, and says which of those the tape keeps: only what the
+derivative needs, as the operator's own backward would save.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+
+aten = torch.ops.aten
+
+
+class Rule(NamedTuple):
+    tangent: Callable   # (args, tangents, outs, meta, kwargs) -> output tangent(s)
+    keep: Callable      # (tracked per arg, args) -> (arg positions, output positions) to keep
+
+
+def _sum(terms):
+    terms = [t for t in terms if t is not None]
+    if not terms:
+        return None
+    total = terms[0]
+    for t in terms[1:]:
+        total = total + t
+    return total
+
+
+def _keep_nothing(tracked, args):
+    return (), ()
+
+
+def _convolution(args, targs, outs, meta, kwargs):
+    """conv(x, w) + b is bilinear in (x, w): d = conv(dx, w) + conv(x, dw) + db."""
+    x, w, _, *rest = args
+    dx, dw, db = targs[:3]
+    terms = []
+    if dx is not None:
+        terms.append(aten.convolution(dx, w, None, *rest))
+    if dw is not None:
+        terms.append(aten.convolution(x, dw, db, *rest))
+    elif db is not None:
+        terms.append(db.view(1, -1, *([1] * (len(meta[0][0]) - 2))))
+    return _sum(terms)
+
+
+def _keep_convolution(tracked, args):
+    return {i for i, other in ((0, 1), (1, 0)) if tracked[other]}, ()
+
+
+def _batch_norm_rule(x_at, w_at, b_at, stats_at, training_at, eps_at, saved_at):
+    """The rule of a batch norm operator, given where its arguments and saved statistics are.
+
+    y = γ·x̂ + β with x̂ = (x − μ)·r, r = 1/√(σ² + ε) over the batch (training) or the running
+    statistics. Along x, in training, it is the batch norm's backward applied to dx: its
+    Jacobian in x is γ_c·r_c·(I − 11ᵀ/M − x̂x̂ᵀ/M) within each channel c, symmetric; with
+    running statistics it is γ_c·r_c. Along (γ, β): dγ·x̂ + dβ.
+    """
+    def tangent(args, targs, outs, meta, kwargs):
+        x, weight = args[x_at], args[w_at]
+        training = training_at is not None and args[training_at]
+        if training:
+            mean, invstd = outs[saved_at], outs[saved_at + 1]
+        else:
+            mean, invstd = args[stats_at], torch.rsqrt(args[stats_at + 1] + args[eps_at])
+        dx, dw, db = targs[x_at], targs[w_at], targs[b_at]
+        shape = (1, -1) + (1,) * (len(meta[0][0]) - 2)
+        terms = []
+        if dx is not None and training:
+            terms.append(aten.native_batch_norm_backward(
+                dx, x, weight, None, None, mean, invstd, True, args[eps_at],
+                [True, False, False])[0])
+        elif dx is not None:                       # running statistics: a per-channel scale
+            terms.append(dx * (invstd if weight is None else weight * invstd).view(shape))
+        if dw is not None:                         # dγ·(x − μ)·r = x·(r·dγ) + (−μ·r·dγ)
+            scale = invstd * dw
+            terms.append(torch.addcmul((-mean * scale).view(shape), x, scale.view(shape)))
+        if db is not None:
+            terms.append(db.view(shape))
+        return (_sum(terms),) + (None,) * (len(meta) - 1)
+
+    def keep(tracked, args):
+        if not (tracked[x_at] or tracked[w_at]):
+            return (), ()
+        if training_at is not None and args[training_at]:
+            return {x_at, w_at}, {saved_at, saved_at + 1}
+        return {x_at, w_at, stats_at, stats_at + 1}, ()
+
+    return Rule(tangent, keep)
+
+
+def _add(sign):
+    """a ± α·b (in place or not): da ± α·db."""
+    def tangent(args, targs, outs, meta, kwargs):
+        da, db = targs[0], targs[1] if len(targs) > 1 else None
+        alpha = kwargs.get("alpha", args[2] if len(args) > 2 else 1)
+        if db is not None and alpha * sign != 1:
+            db = db * (alpha * sign)
+        return _sum([da, db])
+    return Rule(tangent, _keep_nothing)
+
+
+def _mul(args, targs, outs, meta, kwargs):
+    """a·b: da·b + a·db."""
+    a, b = args[:2]
+    da, db = targs[:2]
+    return _sum([da * b if da is not None else None, a * db if db is not None else None])
+
+
+def _keep_other(tracked, args):
+    return {i for i, other in ((0, 1), (1, 0)) if tracked[other]}, ()
+
+
+def _mm(args, targs, outs, meta, kwargs):
+    """a @ b (batched or not): da @ b + a @ db."""
+    a, b = args[:2]
+    da, db = targs[:2]
+    return _sum([da @ b if da is not None else None, a @ db if db is not None else None])
+
+
+def _addmm(args, targs, outs, meta, kwargs):
+    """β·c + α·(m1 @ m2), a linear layer: β·dc + α·(dm1 @ m2 + m1 @ dm2)."""
+    _, m1, m2 = args[:3]
+    dbias, d1, d2 = targs[:3]
+    beta = kwargs.get("beta", 1)
+    alpha = kwargs.get("alpha", 1)
+    terms = [d1 @ m2 if d1 is not None else None, m1 @ d2 if d2 is not None else None]
+    product = _sum(terms)
+    if product is not None and alpha != 1:
+        product = product * alpha
+    if dbias is not None and beta != 1:
+        dbias = dbias * beta
+    return _sum([product, dbias])
+
+
+def _keep_addmm(tracked, args):
+    return {i for i, other in ((1, 2), (2, 1)) if tracked[other]}, ()
+
+
+def _apply_to_tangent(func):
+    """An operator linear in its one tensor argument (views, sums, means, casts, pooling by
+    averages): the operator applied to the tangent."""
+    def tangent(args, targs, outs, meta, kwargs):
+        return func(targs[0], *args[1:], **kwargs)
+    return Rule(tangent, _keep_nothing)
+
+
+def _identity(args, targs, outs, meta, kwargs):
+    """x ± a constant: dx."""
+    return targs[0]
+
+
+def _native_dropout(args, targs, outs, meta, kwargs):
+    """x·mask/(1 − p) with the recorded mask: dx·mask/(1 − p), the dropout's own backward."""
+    p, train = args[1], args[2]
+    if train is not None and not train:        # train=None means training
+        return targs[0], None
+    return aten.native_dropout_backward(targs[0], outs[1], 1.0 / (1.0 - p)), None
+
+
+def _pointwise_backward(backward, use_output):
+    """A pointwise function f with f'(x)·v = backward(v, output or x): its tangent is that."""
+    def tangent(args, targs, outs, meta, kwargs):
+        return backward(targs[0], outs[0] if use_output else args[0])
+
+    def keep(tracked, args):
+        return ((), {0}) if use_output else ({0}, ())
+    return Rule(tangent, keep)
+
+
+def _gelu(args, targs, outs, meta, kwargs):
+    """GELU(x): GELU'(x)·dx, its backward at x."""
+    return aten.gelu_backward(targs[0], args[0], approximate=kwargs.get(
+        "approximate", args[1] if len(args) > 1 else "none"))
+
+
+_LINEAR = [aten.view.default, aten._unsafe_view.default, aten.t.default,
+           aten.transpose.int, aten.permute.default, aten.expand.default, aten.squeeze.dim,
+           aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default, aten.select.int,
+           aten.slice.Tensor, aten.clone.default, aten._to_copy.default, aten.alias.default,
+           aten.neg.default, aten.mean.dim, aten.mean.default, aten.sum.dim_IntList,
+           aten.sum.default, aten.mul.Scalar, aten.div.Scalar, aten.avg_pool2d.default,
+           aten._adaptive_avg_pool2d.default, aten.split.Tensor, aten.split_with_sizes.default,
+           aten.unbind.int]
+
+# Outputs that depend on the inputs' shapes only: untracked (no tangent).
+VALUE_FREE = {aten.empty_like.default, aten.zeros_like.default, aten.ones_like.default,
+              aten.full_like.default, aten.rand_like.default, aten.randn_like.default,
+              aten.randint_like.default, aten.new_empty.default, aten.new_zeros.default,
+              aten.new_ones.default, aten.new_full.default, aten.new_empty_strided.default}
+
+_RELU = _pointwise_backward(lambda v, y: aten.threshold_backward(v, y, 0), True)  # v·[y > 0]
+
+RULES = {func: _apply_to_tangent(func) for func in _LINEAR}
+RULES.update({
+    aten.convolution.default: Rule(_convolution, _keep_convolution),
+    aten.native_batch_norm.default: _batch_norm_rule(0, 1, 2, 3, 5, 7, 1),
+    aten._native_batch_norm_legit.default: _batch_norm_rule(0, 1, 2, 3, 5, 7, 1),
+    aten._native_batch_norm_legit.no_stats: _batch_norm_rule(0, 1, 2, None, 3, 5, 1),
+    aten._native_batch_norm_legit_no_training.default: _batch_norm_rule(0, 1, 2, 3, None, 6,
+                                                                        None),
+    aten.cudnn_batch_norm.default: _batch_norm_rule(0, 1, 2, 3, 5, 7, 1),
+    aten.relu.default: _RELU, aten.relu_.default: _RELU,
+    aten.sigmoid.default: _pointwise_backward(aten.sigmoid_backward, True),
+    aten.tanh.default: _pointwise_backward(aten.tanh_backward, True),
+    aten.silu.default: _pointwise_backward(aten.silu_backward, False),
+    aten.gelu.default: Rule(_gelu, lambda tracked, args: ({0}, ())),
+    aten.add.Tensor: _add(1), aten.add_.Tensor: _add(1),
+    aten.sub.Tensor: _add(-1), aten.sub_.Tensor: _add(-1),
+    aten.add.Scalar: Rule(_identity, _keep_nothing),
+    aten.sub.Scalar: Rule(_identity, _keep_nothing),
+    aten.mul.Tensor: Rule(_mul, _keep_other),
+    aten.mm.default: Rule(_mm, _keep_other), aten.bmm.default: Rule(_mm, _keep_other),
+    aten.addmm.default: Rule(_addmm, _keep_addmm),
+    aten.native_dropout.default: Rule(_native_dropout, lambda tracked, args: ((), {1})),
+    aten.detach.default: Rule(lambda *a: None, _keep_nothing),       # the tangent is cut
+})
