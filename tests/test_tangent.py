@@ -35,7 +35,8 @@ class ResidualBlock(nn.Module):
 
 
 class Mixer(nn.Module):
-    """Sequence model: layer norm, GELU, SiLU, sigmoid gate, tanh, dropout, matmul, split."""
+    """Sequence model: layer norm, GELU, SiLU, sigmoid gate, tanh, dropout, matmul, split, and
+    a concatenation with an untracked tensor."""
 
     def __init__(self):
         super().__init__()
@@ -43,14 +44,14 @@ class Mixer(nn.Module):
         self.norm = nn.LayerNorm(16)
         self.ff = nn.Linear(16, 32)
         self.drop = nn.Dropout(0.3)
-        self.out = nn.Linear(16, 5)
+        self.out = nn.Linear(22, 5)
 
     def forward(self, x):
         h = self.norm(self.embed(x))
         a, b = self.drop(F.gelu(self.ff(h))).split(16, dim=-1)
         mixed = torch.sigmoid(a) * F.silu(b) + torch.tanh(h) @ torch.eye(16, dtype=h.dtype,
                                                                           device=h.device)
-        return self.out(mixed.mean(1)) / 3 - 1
+        return self.out(torch.cat([x, mixed], -1).mean(1)) / 3 - 1
 
 
 def eval_batch_norm():
@@ -197,11 +198,14 @@ def test_tape_refuses_what_it_cannot_replay(case):
         tape.jvp(out, [torch.ones_like(p) for p in params])
 
 
-def test_tape_checks_the_number_of_tangents():
+def test_tape_checks_its_sources_and_tangents():
     net = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="listed twice"):
+        TangentTape([net.weight, net.bias, net.weight])
     tape = TangentTape(list(net.parameters()))
     with tape:
         out = net(torch.randn(2, 3))
+    assert not hasattr(net.weight, "_kdops_tangent_slot")     # no trace left on the sources
     with pytest.raises(ValueError, match="1 tangents for 2 sources"):
         tape.jvp(out, [torch.ones(2, 3)])
 

@@ -67,6 +67,8 @@ class TangentTape:
     def __init__(self, sources: Sequence[Tensor]):
         self._serial = next(self._serials)
         self._sources = list(sources)
+        if len({id(p) for p in self._sources}) != len(self._sources):
+            raise ValueError("TangentTape: a source tensor is listed twice")
         self._version = [p._version for p in self._sources]
         self._entries: list[_Entry] = []
         self._refusal: str | None = None
