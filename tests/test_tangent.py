@@ -54,6 +54,18 @@ class Mixer(nn.Module):
         return self.out(torch.cat([x, mixed], -1).mean(1)) / 3 - 1
 
 
+def clamped():
+    """MobileNet's in-place ReLU6, an in-place leaky ReLU, an out-of-place one with a negative
+    slope, max pooling."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU6(inplace=True),
+                        nn.Conv2d(4, 4, 3, padding=1), nn.LeakyReLU(0.1, inplace=True),
+                        nn.MaxPool2d(2), nn.LeakyReLU(-0.5), nn.Flatten(),
+                        nn.Linear(4 * 9, 5))
+    with torch.no_grad():
+        net[0].weight.mul_(20)                   # outputs on both sides of ReLU6's [0, 6]
+    return net
+
+
 def eval_batch_norm():
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Tanh(), nn.Flatten(),
                         nn.Linear(4 * 16, 5))
@@ -67,6 +79,7 @@ NETS = {
     "residual": (ResidualBlock, (4, 3, 6, 6)),
     "mixer": (Mixer, (4, 7, 6)),
     "eval_batch_norm": (eval_batch_norm, (4, 3, 6, 6)),
+    "clamped": (clamped, (4, 3, 6, 6)),
 }
 
 

@@ -113,7 +113,10 @@ class TangentTape:
                         raise UnsupportedForward(f"a tensor {entry.func} read was changed in "
                                                  "place later in the forward")
                 targs = tuple(_tangent_of(s, tan) for s in entry.slots)
-                result = _replay(entry, targs)
+                try:
+                    result = _replay(entry, targs)
+                except (RuntimeError, NotImplementedError) as e:
+                    raise UnsupportedForward(f"the tangent of {entry.func}: {e}") from e
                 for s, t in zip(entry.out_slots, result):
                     if s is not None and t is not None:
                         tan[s] = t
@@ -288,10 +291,7 @@ def _forward_ad(func, args, targs, kwargs):
                 return fwAD.make_dual(a.detach(), t)
             return a
 
-        try:
-            out = func(*(dual(a, t) for a, t in zip(args, targs)), **kwargs)
-        except (RuntimeError, NotImplementedError) as e:
-            raise UnsupportedForward(f"forward-mode autograd of {func}: {e}") from e
+        out = func(*(dual(a, t) for a, t in zip(args, targs)), **kwargs)
         outs = out if isinstance(out, (tuple, list)) else (out,)
         return tuple(fwAD.unpack_dual(o).tangent if isinstance(o, Tensor) else None
                      for o in outs)

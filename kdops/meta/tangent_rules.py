@@ -32,6 +32,14 @@ def _keep_nothing(tracked, args):
     return (), ()
 
 
+def _keep_input(tracked, args):
+    return {0}, ()
+
+
+def _keep_output(tracked, args):
+    return (), {0}
+
+
 def _convolution(args, targs, outs, meta, kwargs):
     """conv(x, w) + b is bilinear in (x, w): d = conv(dx, w) + conv(x, dw) + db."""
     x, w, _, *rest = args
@@ -164,10 +172,23 @@ def _pointwise_backward(backward, use_output):
     """A pointwise function f with f'(x)·v = backward(v, output or x): its tangent is that."""
     def tangent(args, targs, outs, meta, kwargs):
         return backward(targs[0], outs[0] if use_output else args[0])
+    return Rule(tangent, _keep_output if use_output else _keep_input)
 
-    def keep(tracked, args):
-        return ((), {0}) if use_output else ({0}, ())
-    return Rule(tangent, keep)
+
+def _hardtanh(args, targs, outs, meta, kwargs):
+    """clamp(x, lo, hi) (ReLU6, in place or not): dx where lo < x < hi, read off the output."""
+    low, high = (args + (-1.0, 1.0))[1:3]
+    return aten.hardtanh_backward(targs[0], outs[0], low, high)
+
+
+def _leaky_relu(in_place):
+    """x if x > 0 else a·x: dx·(1 if x > 0 else a); in place, x > 0 is read off the output
+    (for a ≥ 0, as the in-place backward does)."""
+    def tangent(args, targs, outs, meta, kwargs):
+        slope = args[1] if len(args) > 1 else 0.01
+        x = outs[0] if in_place else args[0]
+        return aten.leaky_relu_backward(targs[0], x, slope, in_place)
+    return Rule(tangent, _keep_output if in_place else _keep_input)
 
 
 def _gelu(args, targs, outs, meta, kwargs):
@@ -203,10 +224,13 @@ RULES.update({
                                                                         None),
     aten.cudnn_batch_norm.default: _batch_norm_rule(0, 1, 2, 3, 5, 7, 1),
     aten.relu.default: _RELU, aten.relu_.default: _RELU,
+    aten.hardtanh.default: Rule(_hardtanh, _keep_output),
+    aten.hardtanh_.default: Rule(_hardtanh, _keep_output),
+    aten.leaky_relu.default: _leaky_relu(False), aten.leaky_relu_.default: _leaky_relu(True),
     aten.sigmoid.default: _pointwise_backward(aten.sigmoid_backward, True),
     aten.tanh.default: _pointwise_backward(aten.tanh_backward, True),
     aten.silu.default: _pointwise_backward(aten.silu_backward, False),
-    aten.gelu.default: Rule(_gelu, lambda tracked, args: ({0}, ())),
+    aten.gelu.default: Rule(_gelu, _keep_input),
     aten.add.Tensor: _add(1), aten.add_.Tensor: _add(1),
     aten.sub.Tensor: _add(-1), aten.sub_.Tensor: _add(-1),
     aten.add.Scalar: Rule(_identity, _keep_nothing),
