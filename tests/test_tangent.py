@@ -190,12 +190,23 @@ class ConstantOutput(nn.Module):
         return x.sum(1, keepdim=True).expand(-1, 4).clone()
 
 
+class NegativeSlopeInPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 4)
+        self.act = nn.LeakyReLU(-0.5, inplace=True)   # its output no longer tells x's sign
+
+    def forward(self, x):
+        return self.act(self.lin(x))
+
+
 REFUSALS = {
     "in_place_without_rule": (InPlaceScale, "no tangent rule for aten.mul_"),
     "changed_after_read": (ChangedAfterRead, "changed in place later"),
     "requires_grad_from_outside": (lambda: OutsideInput(torch.ones(4, requires_grad=True)),
                                    "not computed by the recorded operators"),
     "output_free_of_sources": (ConstantOutput, "not computed from the sources"),
+    "rule_fails": (NegativeSlopeInPlace, "tangent of aten.leaky_relu_"),
 }
 
 
