@@ -82,10 +82,11 @@ def _batch_norm_rule(x_at, w_at, b_at, stats_at, training_at, eps_at, saved_at):
                 [True, False, False])[0])
         elif dx is not None:                       # running statistics: a per-channel scale
             terms.append(dx * (invstd if weight is None else weight * invstd).view(shape))
-        if dw is not None:                         # dγ·(x − μ)·r = x·(r·dγ) + (−μ·r·dγ)
+        if dw is not None:                 # dγ·(x − μ)·r + dβ = x·(r·dγ) + (dβ − μ·r·dγ)
             scale = invstd * dw
-            terms.append(torch.addcmul((-mean * scale).view(shape), x, scale.view(shape)))
-        if db is not None:
+            shift = -mean * scale if db is None else db - mean * scale
+            terms.append(torch.addcmul(shift.view(shape), x, scale.view(shape)))
+        elif db is not None:
             terms.append(db.view(shape))
         return (_sum(terms),) + (None,) * (len(meta) - 1)
 
