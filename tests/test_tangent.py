@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kdops import meta
 from kdops.meta.tangent import TangentTape, UnsupportedForward
@@ -54,6 +55,27 @@ class Mixer(nn.Module):
         return self.out(torch.cat([x, mixed], -1).mean(1)) / 3 - 1
 
 
+class Attention(nn.Module):
+    """A causal self-attention layer through the fused kernel (F.scaled_dot_product_attention)
+    and a reshape of its transposed output."""
+
+    def __init__(self, dropout=0.0):
+        super().__init__()
+        self.embed = nn.Linear(6, 16)
+        self.qkv = nn.Linear(16, 48)
+        self.norm = nn.LayerNorm(16)
+        self.out = nn.Linear(16, 5)
+        self.dropout = dropout
+
+    def forward(self, x):
+        h = self.embed(x)
+        q, k, v = (t.transpose(1, 2) for t in self.qkv(h).view(*x.shape[:2], 3, 2, 8).unbind(2))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        h = self.norm(h + a.transpose(1, 2).reshape(*x.shape[:2], 16))
+        return self.out(h[:, 0] + h.mean(1))
+
+
 def clamped():
     """MobileNet's in-place ReLU6, an in-place leaky ReLU, an out-of-place one with a negative
     slope, max pooling."""
@@ -80,6 +102,8 @@ NETS = {
     "mixer": (Mixer, (4, 7, 6)),
     "eval_batch_norm": (eval_batch_norm, (4, 3, 6, 6)),
     "clamped": (clamped, (4, 3, 6, 6)),
+    "attention": (Attention, (4, 7, 6)),
+    "attention_dropout": (lambda: Attention(dropout=0.3), (4, 7, 6)),
 }
 
 
@@ -108,7 +132,8 @@ def _recorded_and_reference(net, x, sources, tangents):
         return functional_call(net, {**frozen, **{names[p]: q for p, q in zip(sources, params)}},
                                (x,))
 
-    with meta.frozen_batch_norm_stats(net):
+    # torch.func.jvp has no rule for the fused attention kernels: the math one for it.
+    with meta.frozen_batch_norm_stats(net), sdpa_kernel(SDPBackend.MATH):
         want = jvp(forward, tuple(p.detach() for p in sources), tuple(tangents))[1]
     return got, want
 
@@ -219,6 +244,19 @@ def test_tape_refuses_what_it_cannot_replay(case):
     with tape:
         out = net(torch.randn(2, 3))
     with pytest.raises(UnsupportedForward, match=message):
+        tape.jvp(out, [torch.ones_like(p) for p in params])
+
+
+def test_tape_refuses_the_dropout_of_a_fused_attention_kernel():
+    """In float64 (above) attention dropout runs in the math path, whose masks the tape
+    records; a fused CUDA kernel draws its own."""
+    device = _device("cuda")
+    net = Attention(dropout=0.5).to(device)
+    params = list(net.parameters())
+    tape = TangentTape(params)
+    with tape:
+        out = net(torch.randn(2, 7, 6, device=device))
+    with pytest.raises(UnsupportedForward, match="attention dropout"):
         tape.jvp(out, [torch.ones_like(p) for p in params])
 
 

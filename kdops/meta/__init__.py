@@ -17,7 +17,11 @@ meta-parameters) in one of three ways:
     student, recorded by a `tangent.TangentTape`: only the tangent terms run (two
     convolutions per convolution, say), not the forward again. Where the tape cannot replay
     that forward exactly (an in-place or random operator it has no rule for, a compiled
-    region) a warning says why and torch.func.jvp runs a second forward instead.
+    region) a warning says why and torch.func.jvp runs a second forward instead. Attention
+    through F.scaled_dot_product_attention replays without dropout, or with the dropout of
+    the math kernel (whose masks are recorded); a fused kernel's attention dropout cannot be
+    replayed, and torch.func.jvp has no rule for those kernels: use "autograd" or
+    "finite_difference" there.
 ``"autograd"``: create_graph through the student's backward, the fused loss and the fused pilot
     step: the exact reference, at the cost of a second-order graph of the student.
 ``"finite_difference"``: z ≈ (s(θ + εu) − s(θ − εu)) / 2ε with ε = `fd_eps`/‖u‖ (DistPro's

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 aten = torch.ops.aten
 
@@ -156,6 +157,11 @@ def _apply_to_tangent(func):
     return Rule(tangent, _keep_nothing)
 
 
+def _reshape(args, targs, outs, meta, kwargs):
+    """x.view(shape): the tangent reshaped (it may not have the primal's strides)."""
+    return targs[0].reshape(args[1])
+
+
 def _identity(args, targs, outs, meta, kwargs):
     """x ± a constant: dx."""
     return targs[0]
@@ -192,13 +198,40 @@ def _leaky_relu(in_place):
     return Rule(tangent, _keep_output if in_place else _keep_input)
 
 
+def _attention(bias_at, dropout_at, causal_at):
+    """A fused scaled-dot-product attention, softmax(q·kᵀ·scale + bias)·v, given where its
+    bias, dropout probability and causal flag are: the tangent of its first output by
+    forward-mode autograd through the math implementation (the primal attention again, not
+    the network). With dropout the fused kernel's masks are its own: refused."""
+    def tangent(args, targs, outs, meta, kwargs):
+        if len(args) > dropout_at and args[dropout_at]:
+            raise RuntimeError("attention dropout draws masks the tape cannot replay")
+        bias_at_ = bias_at if bias_at is not None and len(args) > bias_at else None
+        with fwAD.dual_level():
+            duals = [fwAD.make_dual(a.detach(), t) if t is not None else a
+                     for a, t in zip(args[:3], targs[:3])]
+            if bias_at_ is None:
+                bias = kwargs.get("attn_mask")
+            else:
+                bias, dbias = args[bias_at_], targs[bias_at_]
+                bias = fwAD.make_dual(bias.detach(), dbias) if dbias is not None else bias
+            out = aten._scaled_dot_product_attention_math(
+                *duals, bias, 0.0, len(args) > causal_at and args[causal_at],
+                scale=kwargs.get("scale"))[0]
+            return (fwAD.unpack_dual(out).tangent,) + (None,) * (len(meta) - 1)
+
+    def keep(tracked, args):
+        return {0, 1, 2} | ({bias_at} if bias_at is not None else set()), ()
+    return Rule(tangent, keep)
+
+
 def _gelu(args, targs, outs, meta, kwargs):
     """GELU(x): GELU'(x)·dx, its backward at x."""
     return aten.gelu_backward(targs[0], args[0], approximate=kwargs.get(
         "approximate", args[1] if len(args) > 1 else "none"))
 
 
-_LINEAR = [aten.view.default, aten._unsafe_view.default, aten.t.default,
+_LINEAR = [aten.t.default,
            aten.transpose.int, aten.permute.default, aten.expand.default, aten.squeeze.dim,
            aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default, aten.select.int,
            aten.slice.Tensor, aten.clone.default, aten._to_copy.default, aten.alias.default,
@@ -217,6 +250,8 @@ _RELU = _pointwise_backward(lambda v, y: aten.threshold_backward(v, y, 0), True)
 
 RULES = {func: _apply_to_tangent(func) for func in _LINEAR}
 RULES.update({
+    aten.view.default: Rule(_reshape, _keep_nothing),
+    aten._unsafe_view.default: Rule(_reshape, _keep_nothing),
     aten.convolution.default: Rule(_convolution, _keep_convolution),
     aten.native_batch_norm.default: _batch_norm_rule(0, 1, 2, 3, 5, 7, 1),
     aten._native_batch_norm_legit.default: _batch_norm_rule(0, 1, 2, 3, 5, 7, 1),
@@ -240,5 +275,9 @@ RULES.update({
     aten.mm.default: Rule(_mm, _keep_other), aten.bmm.default: Rule(_mm, _keep_other),
     aten.addmm.default: Rule(_addmm, _keep_addmm),
     aten.native_dropout.default: Rule(_native_dropout, lambda tracked, args: ((), {1})),
+    aten._scaled_dot_product_flash_attention_for_cpu.default: _attention(None, 3, 4),
+    aten._scaled_dot_product_flash_attention.default: _attention(None, 3, 4),
+    aten._scaled_dot_product_efficient_attention.default: _attention(3, 5, 6),
+    aten._scaled_dot_product_cudnn_attention.default: _attention(3, 5, 6),
     aten.detach.default: Rule(lambda *a: None, _keep_nothing),       # the tangent is cut
 })
