@@ -1,5 +1,7 @@
 """kdops.meta.tangent.TangentTape: the JVP of a recorded forward, against torch.func.jvp of a
 second forward (float64, train-mode networks), and its refusals."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -245,6 +247,48 @@ def test_tape_refuses_what_it_cannot_replay(case):
         out = net(torch.randn(2, 3))
     with pytest.raises(UnsupportedForward, match=message):
         tape.jvp(out, [torch.ones_like(p) for p in params])
+
+
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.float32), ("cpu", torch.bfloat16),
+                                          ("cuda", torch.float32), ("cuda", torch.bfloat16)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_tape_jvp_through_a_fused_attention_kernel(device, dtype, with_bias):
+    """float32 and bfloat16, where the dispatcher picks a fused kernel (CPU flash; on an H100
+    memory-efficient for float32, cuDNN for bfloat16), with and without an additive mask."""
+    device = _device(device)
+    torch.manual_seed(2)
+    net = Attention().to(device, dtype)
+    x = torch.randn(4, 7, 6, device=device, dtype=dtype)
+    if with_bias:
+        bias = torch.randn(7, 7, device=device, dtype=dtype)
+        net.forward = _with_attention_bias(net, bias)
+    params = list(net.parameters())
+    tangents = [torch.randn_like(p) for p in params]
+    tape = TangentTape(params)
+    with tape:
+        out = net(x)
+    got = tape.jvp(out, tangents)
+    # The reference: a float32 copy through the math kernel.
+    twin = copy.deepcopy(net).float()
+    if with_bias:
+        twin.forward = _with_attention_bias(twin, bias.float())
+    names = [n for n, _ in twin.named_parameters()]
+    with sdpa_kernel(SDPBackend.MATH):
+        want = jvp(lambda *ps: functional_call(twin, dict(zip(names, ps)), (x.float(),)),
+                   tuple(p.detach() for p in twin.parameters()),
+                   tuple(t.float() for t in tangents))[1]
+    assert got.dtype == dtype
+    tol = 1e-4 if dtype == torch.float32 else 3e-2 * want.abs().max().item()
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+
+
+def _with_attention_bias(net, bias):
+    def forward(x):
+        h = net.embed(x)
+        q, k, v = (t.transpose(1, 2) for t in net.qkv(h).view(*x.shape[:2], 3, 2, 8).unbind(2))
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return net.out(net.norm(h + a.transpose(1, 2).reshape(*x.shape[:2], 16)).mean(1))
+    return forward
 
 
 def test_tape_refuses_the_dropout_of_a_fused_attention_kernel():

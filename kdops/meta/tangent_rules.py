@@ -201,20 +201,25 @@ def _leaky_relu(in_place):
 def _attention(bias_at, dropout_at, causal_at):
     """A fused scaled-dot-product attention, softmax(q·kᵀ·scale + bias)·v, given where its
     bias, dropout probability and causal flag are: the tangent of its first output by
-    forward-mode autograd through the math implementation (the primal attention again, not
-    the network). With dropout the fused kernel's masks are its own: refused."""
+    forward-mode autograd through the math implementation, in float32 at least (the primal
+    attention again, not the network). With dropout the fused kernel's masks are its own:
+    refused."""
     def tangent(args, targs, outs, meta, kwargs):
         if len(args) > dropout_at and args[dropout_at]:
             raise RuntimeError("attention dropout draws masks the tape cannot replay")
         bias_at_ = bias_at if bias_at is not None and len(args) > bias_at else None
         with fwAD.dual_level():
-            duals = [fwAD.make_dual(a.detach(), t) if t is not None else a
-                     for a, t in zip(args[:3], targs[:3])]
+            def dual(a, t):
+                a = _at_least_float32(a)
+                return fwAD.make_dual(a.detach(), _at_least_float32(t)) if t is not None else a
+
+            duals = [dual(a, t) for a, t in zip(args[:3], targs[:3])]
             if bias_at_ is None:
                 bias = kwargs.get("attn_mask")
+                bias = _at_least_float32(bias) if bias is not None else None
             else:
-                bias, dbias = args[bias_at_], targs[bias_at_]
-                bias = fwAD.make_dual(bias.detach(), dbias) if dbias is not None else bias
+                bias = dual(args[bias_at_], targs[bias_at_]) if args[bias_at_] is not None \
+                    else None
             out = aten._scaled_dot_product_attention_math(
                 *duals, bias, 0.0, len(args) > causal_at and args[causal_at],
                 scale=kwargs.get("scale"))[0]
@@ -223,6 +228,10 @@ def _attention(bias_at, dropout_at, causal_at):
     def keep(tracked, args):
         return {0, 1, 2} | ({bias_at} if bias_at is not None else set()), ()
     return Rule(tangent, keep)
+
+
+def _at_least_float32(x):
+    return x.float() if x.is_floating_point() and x.element_size() < 4 else x
 
 
 def _gelu(args, targs, outs, meta, kwargs):
