@@ -1,6 +1,7 @@
 """kdops.meta.tangent.TangentTape: the JVP of a recorded forward, against torch.func.jvp of a
 second forward (float64, train-mode networks), and its refusals."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -360,3 +361,26 @@ def test_jvp_mode_falls_back_to_a_second_forward_with_a_warning():
     assert len(calls) == 3
     for got, want in zip(jvp_grads, _meta_grads(student, teacher, "autograd")):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
+
+
+def test_attention_student_meta_gradient_through_the_fused_kernel():
+    """The fused CPU/CUDA attention kernels have no double backward (mode="autograd" fails
+    with them) and no forward-mode rule (torch.func.jvp fails): the tape gives the exact
+    meta-gradient, equal to "autograd" through the math kernel."""
+    def run(mode, backend):
+        torch.manual_seed(0)
+        student, teacher = Attention().double(), Attention().double()
+        x, xq = torch.randn(2, 4, 7, 6, dtype=torch.float64).unbind()
+        y, yq = torch.randint(0, 5, (2, 4)).unbind()
+        with sdpa_kernel(backend):
+            out = meta.meta_gradient(student, teacher(x), x, y, xq, yq,
+                                     list(teacher.parameters()), lr=0.2, mode=mode,
+                                     temperature=2.0)
+        return out["meta_grads"]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)       # no fallback to torch.func.jvp
+        got = run("jvp", [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                          SDPBackend.CUDNN_ATTENTION])
+    for g, w in zip(got, run("autograd", SDPBackend.MATH)):
+        torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-12)
