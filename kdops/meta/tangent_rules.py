@@ -207,21 +207,19 @@ def _attention(bias_at, dropout_at, causal_at):
     def tangent(args, targs, outs, meta, kwargs):
         if len(args) > dropout_at and args[dropout_at]:
             raise RuntimeError("attention dropout draws masks the tape cannot replay")
-        bias_at_ = bias_at if bias_at is not None and len(args) > bias_at else None
+        # CPU flash takes the mask as a keyword (untracked: the tape refuses tracked ones).
+        bias = kwargs.get("attn_mask") if bias_at is None else args[bias_at]
+        dbias = None if bias_at is None else targs[bias_at]
         with fwAD.dual_level():
             def dual(a, t):
+                if a is None:
+                    return None
                 a = _at_least_float32(a)
                 return fwAD.make_dual(a.detach(), _at_least_float32(t)) if t is not None else a
 
-            duals = [dual(a, t) for a, t in zip(args[:3], targs[:3])]
-            if bias_at_ is None:
-                bias = kwargs.get("attn_mask")
-                bias = _at_least_float32(bias) if bias is not None else None
-            else:
-                bias = dual(args[bias_at_], targs[bias_at_]) if args[bias_at_] is not None \
-                    else None
+            q, k, v = (dual(a, t) for a, t in zip(args[:3], targs[:3]))
             out = aten._scaled_dot_product_attention_math(
-                *duals, bias, 0.0, len(args) > causal_at and args[causal_at],
+                q, k, v, dual(bias, dbias), 0.0, len(args) > causal_at and args[causal_at],
                 scale=kwargs.get("scale"))[0]
             return (fwAD.unpack_dual(out).tangent,) + (None,) * (len(meta) - 1)
 
