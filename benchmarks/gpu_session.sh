@@ -2,7 +2,7 @@
 # Everything kdops checks on a GPU machine, in stages, for one call of a lent device:
 #
 #   OUT=/tmp/kdops-gpu KDOPS_GIT_SHA=$(git rev-parse HEAD) \
-#       bash benchmarks/gpu_session.sh build gpu_tests sanitize bench_kd bench_pilot bench_meta
+#       bash benchmarks/gpu_session.sh build gpu_tests sanitize bench_kd bench_pilot bench_meta bench_jvp
 #
 # build        compiles kdops._C with the CUDA kernels for sm_90 in place and copies it,
 #              stripped, to $OUT (to carry next time: skipped when a build is already there)
@@ -14,6 +14,7 @@
 #              KDOPS_BENCH_K a pytest -k expression, KDOPS_BENCH_TAG a suffix of its JSON)
 # bench_pilot  benchmarks/bench_pilot_sgd.py on the GPU
 # bench_meta   benchmarks/bench_meta_step.py on the GPU
+# bench_jvp    benchmarks/bench_student_jvp.py on the GPU
 #
 # Every stage's output goes to $OUT/session.log, pytest-benchmark JSON to $OUT/<gpu>-*.json
 # with the git sha in its commit_info (the device copy of the tree has no .git). Liger-Kernel
@@ -71,6 +72,7 @@ bench() {  # bench <suite> <json name>
 bench_kd() { bench bench_kd_loss_gpu.py "$GPU-kd_loss${KDOPS_BENCH_TAG:-}.json"; }
 bench_pilot() { bench bench_pilot_sgd.py "$GPU-pilot_sgd.json"; }
 bench_meta() { bench bench_meta_step.py "$GPU-meta_step.json"; }
+bench_jvp() { bench bench_student_jvp.py "$GPU-student_jvp.json"; }
 
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv

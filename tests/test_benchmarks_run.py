@@ -44,3 +44,8 @@ def test_gpu_kd_loss_benchmarks_run_interpreted():
                     KDOPS_BENCH_SHAPES="16x33", KDOPS_BENCH_DTYPES="float32,bfloat16",
                     KDOPS_BENCH_DIVERGENCES="kl,jsd")
     assert "36 passed" in out
+
+
+def test_student_jvp_benchmarks_run():
+    out = run_suite("bench_student_jvp.py", KDOPS_BENCH_JVP_BATCH="4")
+    assert "4 passed" in out

@@ -1,0 +1,82 @@
+"""The student's JVP of kdops.meta's "jvp" mode: the tape against a second forward (pytest-benchmark).
+
+    python -m pytest benchmarks/bench_student_jvp.py
+    KDOPS_BENCH_DEVICE=cuda python -m pytest benchmarks/bench_student_jvp.py
+    KDOPS_BENCH_JVP_BATCH=4 python -m pytest benchmarks/bench_student_jvp.py   # smaller
+
+Network: the CIFAR ResNet-20 student of bench_meta_step.py (batch 64 of 32×32 inputs, train
+mode, BatchNorm on batch statistics). Cases:
+  forward           its forward with autograd, as the pilot runs it
+  forward_recorded  the same forward under a kdops.meta.tangent.TangentTape (what the pilot of
+                    "jvp" mode pays for the record)
+  replay            TangentTape.jvp: the tangents of the recorded forward along u
+  torch_func_jvp    torch.func.jvp over functional_call: the primal forward again beside the
+                    tangents (the fallback, and kdops' "jvp" mode before the tape)
+The replay is checked against torch.func.jvp first (float32 rounding).
+"""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.func import functional_call, jvp
+
+from kdops import meta
+from kdops.meta.tangent import TangentTape
+
+sys.path.insert(0, str(Path(__file__).parent))
+from measure import DEVICE, DEVICE_NAME, synchronize  # noqa: E402
+from param_lists import resnet_cifar  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def student():
+    batch = int(os.environ.get("KDOPS_BENCH_JVP_BATCH", "64"))
+    net = resnet_cifar(20, 100, seed=1).to(DEVICE)
+    x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    params = list(net.parameters())
+    tangents = [torch.randn_like(p) for p in params]
+    return net, x, params, tangents
+
+
+def _recorded(net, x, params):
+    tape = TangentTape(params)
+    with tape:
+        out = net(x)
+    return tape, out
+
+
+def _second_forward(net, x, params, tangents):
+    names = [n for n, _ in net.named_parameters()]
+    return jvp(lambda *ps: functional_call(net, dict(zip(names, ps)), (x,)),
+               tuple(p.detach() for p in params), tuple(tangents))[1]
+
+
+CASES = {
+    "forward": lambda net, x, params, tangents, tape, out: net(x),
+    "forward_recorded": lambda net, x, params, tangents, tape, out: _recorded(net, x, params),
+    "replay": lambda net, x, params, tangents, tape, out: tape.jvp(out, tangents),
+    "torch_func_jvp": lambda net, x, params, tangents, tape, out: _second_forward(
+        net, x, params, tangents),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_student_jvp(benchmark, student, case):
+    net, x, params, tangents = student
+    with meta.frozen_batch_norm_stats(net):
+        tape, out = _recorded(net, x, params)
+        want = _second_forward(net, x, params, tangents)
+        torch.testing.assert_close(tape.jvp(out, tangents), want, rtol=1e-3, atol=1e-3)
+        run = CASES[case]
+
+        def timed():
+            result = run(net, x, params, tangents, tape, out)
+            synchronize()
+            return result
+
+        benchmark.group = f"ResNet-20 student, batch {x.shape[0]}"
+        benchmark.pedantic(timed, rounds=30 if DEVICE.type == "cuda" else 10, warmup_rounds=2)
+    benchmark.extra_info.update(case=case, batch=x.shape[0], device=DEVICE_NAME,
+                                threads=torch.get_num_threads(), torch=torch.__version__)
