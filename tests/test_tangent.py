@@ -2,6 +2,7 @@
 second forward (float64, train-mode networks), and its refusals."""
 import copy
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -303,6 +304,16 @@ def test_tape_refuses_the_dropout_of_a_fused_attention_kernel():
         out = net(torch.randn(2, 7, 6, device=device))
     with pytest.raises(UnsupportedForward, match="attention dropout"):
         tape.jvp(out, [torch.ones_like(p) for p in params])
+
+
+def test_tape_is_freed_with_its_last_reference():
+    net = nn.Linear(3, 2)
+    tape = TangentTape(list(net.parameters()))
+    with tape:
+        net(torch.randn(2, 3))
+    alive = weakref.ref(tape)
+    del tape
+    assert alive() is None                      # no cycle waiting for the garbage collector
 
 
 def test_tape_checks_its_sources_and_tangents():

@@ -73,11 +73,12 @@ class TangentTape:
         self._entries: list[_Entry] = []
         self._refusal: str | None = None
         self._unsettled: list = []     # (slot, tensor) of the last operator's outputs
-        self._mode = _Recorder(self)
+        self._mode = None
 
     def __enter__(self):
         for slot, p in enumerate(self._sources):
             setattr(p, _TAG, (self._serial, slot))
+        self._mode = _Recorder(self)
         self._mode.__enter__()
         return self
 
@@ -85,7 +86,10 @@ class TangentTape:
         self._settle()
         for p in self._sources:               # the caller's parameters keep no trace
             delattr(p, _TAG)
-        return self._mode.__exit__(*exc)
+        # No reference cycle through the mode: the tape (and what it keeps) goes with its
+        # last reference, not at the next garbage collection.
+        mode, self._mode = self._mode, None
+        return mode.__exit__(*exc)
 
     def jvp(self, output: Tensor, tangents: Sequence[Tensor]) -> Tensor:
         """J·tangents for the recorded `output` (a tensor the recorded forward returned).
