@@ -80,9 +80,8 @@ def meta_gradient(student: nn.Module, teacher_logits: Tensor, inputs, labels: Te
                     quiz_loss=quiz.detach())
     # Graph-free modes: the loss is differentiated on the logits only.
     with phase("pilot"):
-        tape = TangentTape(theta) if mode == "jvp" and not recompute_student else None
-        with tape or contextlib.nullcontext():
-            s = student(inputs)
+        s, tape = _forward(student, inputs,
+                           theta if mode == "jvp" and not recompute_student else None)
         s_leaf = s.detach().requires_grad_()
         pilot = fused_kd_loss(s_leaf, teacher_logits, labels=labels, **kd_kwargs)
         (g_s,) = torch.autograd.grad(pilot, s_leaf, create_graph=True)
@@ -96,8 +95,9 @@ def meta_gradient(student: nn.Module, teacher_logits: Tensor, inputs, labels: Te
         quiz = _quiz(student, dict(zip(names, fast)), quiz_inputs, quiz_labels, quiz_loss)
         u = torch.autograd.grad(quiz, fast)
     with phase("meta_gradient"):
-        if recompute_student:
-            s, tape = _forward_again(student, inputs, rng, theta if mode == "jvp" else None)
+        if recompute_student:         # the pilot's forward again: same masks and statistics
+            with rng.replay(), frozen_batch_norm_stats(student):
+                s, tape = _forward(student, inputs, theta if mode == "jvp" else None)
         z = _student_jvp(student, names, theta, u, inputs, rng, mode, fd_eps, tape, s)
         del tape
         # θ' = θ − lr·(K·g + terms free of the meta-parameters): K, the step's factor on g.
@@ -115,11 +115,11 @@ def _quiz(student, fast, quiz_inputs, quiz_labels, quiz_loss):
         return quiz_loss(functional_call(student, fast, (quiz_inputs,)), quiz_labels)
 
 
-def _forward_again(student, inputs, rng, theta):
-    """The pilot's forward of the student at θ again, with its graph: the same dropout masks
-    and batch statistics, the running statistics untouched; recorded when θ is given."""
-    tape = TangentTape(theta) if theta is not None else None
-    with rng.replay(), frozen_batch_norm_stats(student), tape or contextlib.nullcontext():
+def _forward(student, inputs, record):
+    """(the student's logits on `inputs` with their graph, the `TangentTape` of that forward
+    with `record` as its sources, or None when `record` is None)."""
+    tape = TangentTape(record) if record is not None else None
+    with tape or contextlib.nullcontext():
         return student(inputs), tape
 
 

@@ -199,7 +199,7 @@ class TangentTape:
         outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
         tracked = [s is not None for s in slots]
         keep_args, keep_outs = rule.keep(tracked, args) if rule else (range(len(args)), ())
-        kept_args = tuple(a if i in keep_args or not _has_tensor(a) else None
+        kept_args = tuple(a if i in keep_args or not _tensors(a) else None
                           for i, a in enumerate(args))
         kept_outs = tuple(o if i in keep_outs else None for i, o in enumerate(outs))
         out_slots = []
@@ -236,11 +236,6 @@ def _replayable(func) -> bool:
     schema = func._schema
     return not (schema.is_mutable or torch.Tag.nondeterministic_seeded in func.tags
                 or "batch_norm" in schema.name)
-
-
-def _has_tensor(a) -> bool:
-    return isinstance(a, Tensor) or (isinstance(a, (list, tuple))
-                                     and any(isinstance(x, Tensor) for x in a))
 
 
 def _tensors(a):

@@ -41,6 +41,11 @@ def _keep_output(tracked, args):
     return (), {0}
 
 
+def _keep_other(tracked, args):
+    """A bilinear operator of its first two arguments: each kept where the other is tracked."""
+    return {i for i, other in ((0, 1), (1, 0)) if tracked[other]}, ()
+
+
 def _convolution(args, targs, outs, meta, kwargs):
     """conv(x, w) + b is bilinear in (x, w): d = conv(dx, w) + conv(x, dw) + db."""
     x, w, _, *rest = args
@@ -53,10 +58,6 @@ def _convolution(args, targs, outs, meta, kwargs):
     elif db is not None:
         terms.append(db.view(1, -1, *([1] * (len(meta[0][0]) - 2))))
     return _sum(terms)
-
-
-def _keep_convolution(tracked, args):
-    return {i for i, other in ((0, 1), (1, 0)) if tracked[other]}, ()
 
 
 def _batch_norm_rule(x_at, w_at, b_at, stats_at, training_at, eps_at, saved_at):
@@ -117,10 +118,6 @@ def _mul(args, targs, outs, meta, kwargs):
     a, b = args[:2]
     da, db = targs[:2]
     return _sum([da * b if da is not None else None, a * db if db is not None else None])
-
-
-def _keep_other(tracked, args):
-    return {i for i, other in ((0, 1), (1, 0)) if tracked[other]}, ()
 
 
 def _mm(args, targs, outs, meta, kwargs):
@@ -259,7 +256,7 @@ RULES = {func: _apply_to_tangent(func) for func in _LINEAR}
 RULES.update({
     aten.view.default: Rule(_reshape, _keep_nothing),
     aten._unsafe_view.default: Rule(_reshape, _keep_nothing),
-    aten.convolution.default: Rule(_convolution, _keep_convolution),
+    aten.convolution.default: Rule(_convolution, _keep_other),
     aten.native_batch_norm.default: _batch_norm_rule(0, 1, 2, 3, 5, 7, 1),
     aten._native_batch_norm_legit.default: _batch_norm_rule(0, 1, 2, 3, 5, 7, 1),
     aten._native_batch_norm_legit.no_stats: _batch_norm_rule(0, 1, 2, None, 3, 5, 1),
