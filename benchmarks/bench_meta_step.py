@@ -122,18 +122,28 @@ def case(request):
             tuple(x.to(DEVICE) for x in batch))
 
 
+def _step_args(student, teacher, batch):
+    """The arguments of a step (timer aside): copies of the networks, their optimizers."""
+    student, teacher = copy.deepcopy(student), copy.deepcopy(teacher)
+    return (student, teacher, torch.optim.SGD(student.parameters(), lr=LR),
+            torch.optim.SGD(teacher.parameters(), lr=0.01), *batch)
+
+
+def _prepared(impl, student, teacher, batch):
+    """(a step's arguments, one step's peak extra memory in MiB) for `impl`, after a warm-up
+    step checked against the plain code's."""
+    args = _step_args(student, teacher, batch)
+    reference = copy.deepcopy(args[:2])
+    IMPLS[impl](*args, meta.PhaseTimer())                  # warm-up
+    _check_against_plain(reference, batch, *args[:2])
+    return args, peak_extra(IMPLS[impl], (*args, meta.PhaseTimer()), 2 ** 20, DEVICE)
+
+
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_metadistil_step(benchmark, case, impl):
     name, student, teacher, batch = case
-    student, teacher = copy.deepcopy(student), copy.deepcopy(teacher)
-    s_opt = torch.optim.SGD(student.parameters(), lr=LR)
-    t_opt = torch.optim.SGD(teacher.parameters(), lr=0.01)
     step = IMPLS[impl]
-    args = (student, teacher, s_opt, t_opt, *batch)
-    reference = copy.deepcopy((student, teacher))
-    step(*args, meta.PhaseTimer())                         # warm-up
-    _check_against_plain(reference, batch, student, teacher)
-    peak = peak_extra(step, (*args, meta.PhaseTimer()), 2 ** 20, DEVICE)
+    args, peak = _prepared(impl, student, teacher, batch)
     timer = meta.PhaseTimer()
     rounds = 5 if name == "cifar" and DEVICE.type == "cpu" else 30
     benchmark.group = f"metadistil step {name}"
@@ -155,34 +165,29 @@ def _synchronized(step):
 def _check_against_plain(reference, batch, student, teacher):
     """One step from the same state gives the plain code's parameters (to float32 rounding;
     the running statistics differ: the plain code runs the student forward twice)."""
-    ref_student, ref_teacher = copy.deepcopy(reference)
-    plain_step(ref_student, ref_teacher, torch.optim.SGD(ref_student.parameters(), lr=LR),
-               torch.optim.SGD(ref_teacher.parameters(), lr=0.01), *batch, meta.PhaseTimer())
+    ref_student, ref_teacher, *rest = _step_args(*reference, batch)
+    plain_step(ref_student, ref_teacher, *rest, meta.PhaseTimer())
     for ref, got in ((ref_student, student), (ref_teacher, teacher)):
         for (name, a), b in zip(ref.named_parameters(), got.parameters()):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def interleaved(name, rounds):
-    """Per implementation: the median and interquartile range of a step's time, the median of
-    each phase, and one step's peak memory beyond its inputs, the rounds interleaved."""
+    """(per implementation: the median and interquartile range of a step's time, the median of
+    each phase, and one step's peak memory beyond its inputs, the rounds interleaved; the
+    batch size)."""
     student, teacher, batch = _setup(name)
+    student, teacher = student.to(DEVICE), teacher.to(DEVICE)
     batch = tuple(x.to(DEVICE) for x in batch)
-    runs = {}
-    for impl, step in IMPLS.items():
-        s, t = copy.deepcopy(student).to(DEVICE), copy.deepcopy(teacher).to(DEVICE)
-        args = (s, t, torch.optim.SGD(s.parameters(), lr=LR),
-                torch.optim.SGD(t.parameters(), lr=0.01), *batch)
-        step(*args, meta.PhaseTimer())                          # warm-up
-        runs[impl] = (step, args, peak_extra(step, (*args, meta.PhaseTimer()), 2 ** 20, DEVICE))
+    runs = {impl: _prepared(impl, student, teacher, batch) for impl in IMPLS}
     times = {impl: [] for impl in IMPLS}
     phases = {impl: [] for impl in IMPLS}
     for _ in range(rounds):
-        for impl, (step, args, _) in runs.items():
+        for impl, (args, _) in runs.items():
             timer = meta.PhaseTimer()
             synchronize()
             start = time.perf_counter()
-            step(*args, timer)
+            IMPLS[impl](*args, timer)
             synchronize()
             times[impl].append(time.perf_counter() - start)
             phases[impl].append(timer.seconds)
@@ -193,8 +198,8 @@ def interleaved(name, rounds):
             median_ms=round(statistics.median(ts) * 1e3, 3), iqr_ms=round((q[2] - q[0]) * 1e3, 3),
             phase_ms={k: round(statistics.median(p[k] for p in phases[impl]) * 1e3, 3)
                       for k in phases[impl][0]},
-            peak_extra_mib=runs[impl][2])
-    return results
+            peak_extra_mib=runs[impl][1])
+    return results, batch[0].shape[0]
 
 
 def main():
@@ -204,7 +209,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
-    results = interleaved(args.case, args.rounds)
+    results, batch = interleaved(args.case, args.rounds)
     for impl, r in results.items():
         print(f"{impl:22s} {r['median_ms']:9.2f} ms  iqr {r['iqr_ms']:7.2f}  "
               f"peak {r['peak_extra_mib']} MiB  {r['phase_ms']}")
@@ -212,7 +217,7 @@ def main():
         info = dict(case=args.case, rounds=args.rounds, device=DEVICE_NAME,
                     torch=torch.__version__, threads=torch.get_num_threads(),
                     git_sha=os.environ.get("KDOPS_GIT_SHA", "unknown"),
-                    batch=64, temperature=TEMPERATURE, alpha=ALPHA, lr=LR, results=results)
+                    batch=batch, temperature=TEMPERATURE, alpha=ALPHA, lr=LR, results=results)
         Path(args.json).write_text(json.dumps(info, indent=1))
 
 
