@@ -1,4 +1,6 @@
 """What the benchmark suites share: the device they run on, and memory measurement."""
+import ctypes
+import ctypes.util
 import os
 import re
 import sys
@@ -20,7 +22,10 @@ def synchronize():
 def peak_extra(run, args, unit_bytes, device=torch.device("cpu")):
     """Peak memory of ``run(*args)`` beyond what was live before it, in units of `unit_bytes`:
     on a CUDA device the caching allocator's peak; on the CPU peak RSS, its high-water mark
-    reset first (Linux; None elsewhere)."""
+    reset first (Linux; None elsewhere). On the CPU the C allocator first hands its free
+    memory back to the system (glibc's malloc_trim): memory that earlier work freed but the
+    process kept would otherwise be reused without raising the RSS, and a run measured after
+    a bigger one would read as needing almost nothing."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
@@ -35,11 +40,19 @@ def peak_extra(run, args, unit_bytes, device=torch.device("cpu")):
         text = open("/proc/self/status").read()
         return int(re.search(key + r":\s+(\d+) kB", text).group(1)) * 1024
 
+    _release_free_memory()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     base = rss("VmRSS")
     run(*args)
     return round((rss("VmHWM") - base) / unit_bytes, 2)
+
+
+def _release_free_memory():
+    """glibc's malloc_trim(0), where the C library has it."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def copy_bandwidth():
