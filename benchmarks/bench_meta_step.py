@@ -43,7 +43,7 @@ from torch.func import functional_call
 from kdops import meta
 
 sys.path.insert(0, str(Path(__file__).parent))
-from measure import DEVICE, DEVICE_NAME, peak_extra, synchronize  # noqa: E402
+from measure import DEVICE, DEVICE_NAME, git_sha, peak_extra, synchronize  # noqa: E402
 from param_lists import resnet_cifar  # noqa: E402
 
 LR, TEMPERATURE, ALPHA = 0.1, 4.0, 0.5
@@ -216,7 +216,7 @@ def main():
     if args.json:
         info = dict(case=args.case, rounds=args.rounds, device=DEVICE_NAME,
                     torch=torch.__version__, threads=torch.get_num_threads(),
-                    git_sha=os.environ.get("KDOPS_GIT_SHA", "unknown"),
+                    git_sha=git_sha(),
                     batch=batch, temperature=TEMPERATURE, alpha=ALPHA, lr=LR, results=results)
         Path(args.json).write_text(json.dumps(info, indent=1))
 

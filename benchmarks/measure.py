@@ -3,6 +3,7 @@ import ctypes
 import ctypes.util
 import os
 import re
+import subprocess
 import sys
 import time
 
@@ -17,6 +18,23 @@ def synchronize():
     """Waits for DEVICE's queued work (a no-op on the CPU), so host clocks time it."""
     if DEVICE.type == "cuda":
         torch.cuda.synchronize(DEVICE)
+
+
+def git_sha():
+    """The commit measured: $KDOPS_GIT_SHA (set where the tree is a copy without .git, as on
+    the GPU machines), else `git rev-parse --short HEAD` with "-dirty" for uncommitted changes
+    to tracked files, else "unknown"."""
+    if os.environ.get("KDOPS_GIT_SHA"):
+        return os.environ["KDOPS_GIT_SHA"]
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, check=True,
+                             capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=here, check=True, capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("-dirty" if dirty.strip() else "")
 
 
 def peak_extra(run, args, unit_bytes, device=torch.device("cpu")):

@@ -13,14 +13,18 @@ writes the numbers as JSON (--json).
 """
 import argparse
 import json
-import os
 import statistics
+import sys
+from pathlib import Path
 
 import torch
 import triton.testing
 
 import kdops  # noqa: F401  (registers the ops)
 from kdops._triton import launch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from measure import git_sha  # noqa: E402
 
 TEMPERATURE = 2.0
 
@@ -87,7 +91,7 @@ def main():
     rows = [dict(variant=variant or "(as is)", op=op, median_ms=statistics.median(ms),
                  rounds_ms=ms) for (variant, op), ms in times.items()]
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                  triton=triton.__version__, git_sha=os.environ.get("KDOPS_GIT_SHA", "unknown"),
+                  triton=triton.__version__, git_sha=git_sha(),
                   shape=list(shape), dtype=OPTIONS.dtype, divergence=OPTIONS.divergence,
                   rows=rows)
     if OPTIONS.json:
