@@ -4,12 +4,12 @@ from ._library import backend_info, load_native, load_python_autograd, load_trit
 from .loss import KDLoss, fused_kd_loss
 from .pilot import pilot_sgd_step, pilot_update
 from .temperature import LearnableTemperature
-from . import meta
+from . import compat, meta
 
 load_native()
 load_triton()
 load_python_autograd()
 
 __all__ = ["fused_kd_loss", "KDLoss", "pilot_sgd_step", "pilot_update", "LearnableTemperature",
-           "meta", "backend_info"]
+           "meta", "compat", "backend_info"]
 __version__ = "0.1.0"
