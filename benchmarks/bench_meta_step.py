@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from kdops import meta
+from kdops import meta, reference
 
 sys.path.insert(0, str(Path(__file__).parent))
 from measure import DEVICE, DEVICE_NAME, git_sha, peak_extra, synchronize  # noqa: E402
@@ -70,18 +70,12 @@ def _setup(case):
     raise ValueError(f"unknown case {case!r}")
 
 
-def distill_kl(s, t, temperature):
-    """RepDistiller's DistillKL."""
-    p_s = F.log_softmax(s / temperature, dim=1)
-    p_t = F.softmax(t / temperature, dim=1)
-    return F.kl_div(p_s, p_t, reduction="sum") * temperature ** 2 / s.shape[0]
-
-
 def plain_step(student, teacher, s_opt, t_opt, x, y, xq, yq, timer):
     with timer("pilot"):
         t = teacher(x)
         s = student(x)
-        loss = ALPHA * distill_kl(s, t, TEMPERATURE) + (1 - ALPHA) * F.cross_entropy(s, y)
+        loss = (ALPHA * reference.repdistiller_distill_kl(s, t, TEMPERATURE)
+                + (1 - ALPHA) * F.cross_entropy(s, y))
         named = list(student.named_parameters())
         grads = torch.autograd.grad(loss, [p for _, p in named], create_graph=True)
         fast = {n: p - LR * g for (n, p), g in zip(named, grads)}
@@ -97,7 +91,8 @@ def plain_step(student, teacher, s_opt, t_opt, x, y, xq, yq, timer):
         with torch.no_grad(), meta.frozen_batch_norm_stats(teacher):
             t = teacher(x)
         s = student(x)
-        loss = ALPHA * distill_kl(s, t, TEMPERATURE) + (1 - ALPHA) * F.cross_entropy(s, y)
+        loss = (ALPHA * reference.repdistiller_distill_kl(s, t, TEMPERATURE)
+                + (1 - ALPHA) * F.cross_entropy(s, y))
         s_opt.zero_grad()
         loss.backward()
         s_opt.step()

@@ -6,7 +6,9 @@ independent of kdops' ops. ``kd_loss`` has the full semantics of :func:`kdops.fu
 (and guards ``-inf``-masked entries so they contribute exactly zero, with finite gradients);
 ``hinton_kd_loss`` is the textbook one-liner most KD code contains. ``sgd_step`` is the
 per-tensor differentiable SGD update of MetaDistil, higher and learn2learn, the oracle of
-:func:`kdops.pilot_sgd_step`.
+:func:`kdops.pilot_sgd_step`. The last four are the losses of existing KD codebases as each
+writes them (classes on dim 1 for the CV ones, elementwise terms then a mask for TRL): the
+oracles of the adapters in :mod:`kdops.compat` and their baselines in the benchmarks.
 """
 from __future__ import annotations
 
@@ -112,3 +114,63 @@ def sgd_step(params, grads, lr, *, weight_decay=0.0, momentum=0.0, momentum_buff
 
 def _is_zero(x) -> bool:
     return not isinstance(x, Tensor) and x == 0
+
+
+def _kl_classes_dim1(s: Tensor, t: Tensor, temperature, reduction: str) -> Tensor:
+    return F.kl_div(F.log_softmax(s / temperature, dim=1), F.softmax(t / temperature, dim=1),
+                    reduction=reduction)
+
+
+def repdistiller_distill_kl(y_s: Tensor, y_t: Tensor, T) -> Tensor:
+    """RepDistiller's DistillKL: the KL summed over all elements, · T² / batch size."""
+    return _kl_classes_dim1(y_s, y_t, T, "sum") * T ** 2 / y_s.shape[0]
+
+
+def mdistiller_kd_loss(logits_student: Tensor, logits_teacher: Tensor, temperature,
+                       logit_stand: bool = False) -> Tensor:
+    """mdistiller's kd_loss: per-position KL over dim 1, averaged, · T²; with logit_stand the
+    logits are first standardized over the last dim (unbiased std, 1e-7 added to it)."""
+    if logit_stand:
+        logits_student, logits_teacher = (
+            (z - z.mean(-1, keepdim=True)) / (1e-7 + z.std(-1, keepdim=True))
+            for z in (logits_student, logits_teacher))
+    kl = _kl_classes_dim1(logits_student, logits_teacher, temperature, "none")
+    return kl.sum(1).mean() * temperature ** 2
+
+
+def torchdistill_kd_loss(student: Tensor, teacher: Tensor, targets, temperature, alpha=None,
+                         beta=None, reduction: str = "batchmean", **ce_kwargs) -> Tensor:
+    """torchdistill's KDLoss: alpha·CE + beta·T²·KLDivLoss(reduction), beta = 1 − alpha by
+    default; the KL term alone, without T² or beta, when alpha is None or 0 or no targets."""
+    soft = _kl_classes_dim1(student, teacher, temperature, reduction)
+    if alpha is None or alpha == 0 or targets is None:
+        return soft
+    ce = F.cross_entropy(student, targets,
+                         reduction="mean" if reduction == "batchmean" else reduction,
+                         **ce_kwargs)
+    return alpha * ce + (1 - alpha if beta is None else beta) * temperature ** 2 * soft
+
+
+def trl_generalized_jsd_loss(student_logits: Tensor, teacher_logits: Tensor, labels=None,
+                             beta: float = 0.5, temperature=1.0, reduction: str = "batchmean",
+                             num_items_in_batch=None) -> Tensor:
+    """TRL's GKDTrainer.generalized_jsd_loss: elementwise terms of β·KL(pt‖m) + (1−β)·KL(ps‖m)
+    (forward KL at β = 0, reverse at β = 1), positions labelled -100 dropped, then reduced:
+    batchmean = sum / kept positions (at least 1), or / size(0) without labels."""
+    ls = F.log_softmax(student_logits / temperature, -1)
+    lt = F.log_softmax(teacher_logits / temperature, -1)
+    if beta == 0:
+        jsd = F.kl_div(ls, lt, reduction="none", log_target=True)
+    elif beta == 1:
+        jsd = F.kl_div(lt, ls, reduction="none", log_target=True)
+    else:
+        lm = torch.logsumexp(torch.stack([ls + math.log(1 - beta), lt + math.log(beta)]), 0)
+        jsd = (beta * F.kl_div(lm, lt, reduction="none", log_target=True)
+               + (1 - beta) * F.kl_div(lm, ls, reduction="none", log_target=True))
+    kept = jsd if labels is None else jsd[labels != -100]
+    if num_items_in_batch is not None:
+        return kept.sum() / num_items_in_batch
+    if reduction == "batchmean":
+        count = kept.shape[0] if labels is not None else jsd.shape[0]
+        return kept.sum() / max(count, 1)
+    return kept.sum() if reduction == "sum" else kept.mean()

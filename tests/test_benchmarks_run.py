@@ -37,6 +37,11 @@ def test_meta_step_benchmarks_run():
     assert "4 passed" in out
 
 
+def test_compat_benchmarks_run():
+    out = run_suite("bench_compat.py", KDOPS_BENCH_COMPAT_SHAPES="8x10,2x4x33")
+    assert "8 passed" in out
+
+
 def test_gpu_kd_loss_benchmarks_run_interpreted():
     """The GPU suite on tiny shapes, its Triton kernels through the interpreter (no liger
     here): forward 3 cases, forward+backward 4, second order 2, per dtype and divergence."""

@@ -1,12 +1,9 @@
-"""kdops.compat against the formulas of the code each adapter replaces (DESIGN.md §5), written
-as those codebases write them (log_softmax, softmax, kl_div, cross_entropy), in float64:
-values, gradients to both logits and to a learnable temperature, second order, and float32.
+"""kdops.compat against the losses of the code each adapter replaces, as those codebases write
+them (`kdops.reference`: log_softmax, softmax, kl_div, cross_entropy), in float64: values,
+gradients to both logits and to a learnable temperature, second order, and float32.
 """
-import math
-
 import pytest
 import torch
-import torch.nn.functional as F
 
 from cases import logits
 from kdops import reference
@@ -16,49 +13,6 @@ from kdops.compat import mdistiller, repdistiller, torchdistill, trl
 pytestmark = pytest.mark.filterwarnings("ignore:reduction. 'mean' divides the total loss")
 T = 4.0
 SHAPES = [(6, 10), (2, 10, 3, 4)]             # [B, C] and [B, C, H, W]: classes on dim 1
-
-
-def kl_dim1(s, t, temperature, reduction):
-    return F.kl_div(F.log_softmax(s / temperature, dim=1), F.softmax(t / temperature, dim=1),
-                    reduction=reduction)
-
-
-def repdistiller_reference(s, t, temperature):
-    return kl_dim1(s, t, temperature, "sum") * temperature ** 2 / s.shape[0]
-
-
-def mdistiller_reference(s, t, temperature, logit_stand):
-    if logit_stand:
-        s, t = ((z - z.mean(-1, keepdim=True)) / (1e-7 + z.std(-1, keepdim=True)) for z in (s, t))
-    return kl_dim1(s, t, temperature, "none").sum(1).mean() * temperature ** 2
-
-
-def torchdistill_reference(s, t, targets, alpha, beta, reduction, **ce_kwargs):
-    soft = kl_dim1(s, t, T, reduction)
-    if alpha is None or alpha == 0 or targets is None:
-        return soft
-    ce = F.cross_entropy(s, targets, reduction="mean" if reduction == "batchmean" else reduction,
-                         **ce_kwargs)
-    return alpha * ce + (1 - alpha if beta is None else beta) * T ** 2 * soft
-
-
-def trl_reference(s, t, labels, beta, temperature, reduction, num_items_in_batch=None):
-    """TRL's elementwise JSD terms, masked by labels != -100, then reduced."""
-    ls, lt = F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1)
-    if beta == 0:
-        jsd = F.kl_div(ls, lt, reduction="none", log_target=True)
-    elif beta == 1:
-        jsd = F.kl_div(lt, ls, reduction="none", log_target=True)
-    else:
-        lm = torch.logsumexp(torch.stack([ls + math.log(1 - beta), lt + math.log(beta)]), 0)
-        jsd = (beta * F.kl_div(lm, lt, reduction="none", log_target=True)
-               + (1 - beta) * F.kl_div(lm, ls, reduction="none", log_target=True))
-    kept = jsd if labels is None else jsd[labels != -100]
-    if num_items_in_batch is not None:
-        return kept.sum() / num_items_in_batch
-    if reduction == "batchmean":
-        return kept.sum() / max(kept.shape[0] if labels is not None else jsd.shape[0], 1)
-    return kept.sum() if reduction == "sum" else kept.mean()
 
 
 def _pair(shape, dtype=torch.float64):
@@ -77,14 +31,16 @@ def _agree(got_fn, want_fn, inputs, rtol=1e-12):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_repdistiller_distill_kl(shape):
     s, t = _pair(shape)
-    _agree(repdistiller.DistillKL(T), lambda a, b: repdistiller_reference(a, b, T), (s, t))
+    _agree(repdistiller.DistillKL(T), lambda a, b: reference.repdistiller_distill_kl(a, b, T),
+           (s, t))
 
 
 def test_repdistiller_learnable_temperature():
     """CTKD learns DistillKL's T: its gradient, T² included, is the composite's."""
     s, t = _pair((6, 10))
     tau = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
-    _agree(lambda a, b, c: repdistiller.DistillKL(c)(a, b), repdistiller_reference, (s, t, tau))
+    _agree(lambda a, b, c: repdistiller.DistillKL(c)(a, b), reference.repdistiller_distill_kl,
+           (s, t, tau))
 
 
 @pytest.mark.parametrize("logit_stand", [False, True])
@@ -92,7 +48,7 @@ def test_repdistiller_learnable_temperature():
 def test_mdistiller_kd_loss(shape, logit_stand):
     s, t = _pair(shape)
     _agree(lambda a, b: mdistiller.kd_loss(a, b, T, logit_stand),
-           lambda a, b: mdistiller_reference(a, b, T, logit_stand), (s, t))
+           lambda a, b: reference.mdistiller_kd_loss(a, b, T, logit_stand), (s, t))
 
 
 @pytest.mark.parametrize("ce_kwargs", [{}, {"label_smoothing": 0.1, "ignore_index": -100}],
@@ -109,7 +65,8 @@ def test_torchdistill_kd_loss(shape, reduction, alpha, beta, ce_kwargs):
                                reduction=reduction, **ce_kwargs)
     for y in (targets, None):
         _agree(lambda a, b: loss({"fc": {"output": a}}, {"fc": {"output": b}}, y),
-               lambda a, b: torchdistill_reference(a, b, y, alpha, beta, reduction, **ce_kwargs),
+               lambda a, b: reference.torchdistill_kd_loss(a, b, y, T, alpha, beta, reduction,
+                                                          **ce_kwargs),
                (s, t))
 
 
@@ -128,7 +85,8 @@ def test_trl_generalized_jsd_loss(beta, reduction, labelled):
         assert trl.generalized_jsd_loss(s, t, labels, beta, 2.0, reduction).item() == 0
         return
     _agree(lambda a, b: trl.generalized_jsd_loss(a, b, labels, beta, 2.0, reduction),
-           lambda a, b: trl_reference(a, b, labels, beta, 2.0, reduction), (s, t))
+           lambda a, b: reference.trl_generalized_jsd_loss(a, b, labels, beta, 2.0, reduction),
+           (s, t))
 
 
 def test_trl_num_items_in_batch():
@@ -137,7 +95,8 @@ def test_trl_num_items_in_batch():
     labels[1, 3:] = -100
     n = torch.tensor(17)
     _agree(lambda a, b: trl.generalized_jsd_loss(a, b, labels, 0.5, 2.0, num_items_in_batch=n),
-           lambda a, b: trl_reference(a, b, labels, 0.5, 2.0, "batchmean", n), (s, t))
+           lambda a, b: reference.trl_generalized_jsd_loss(a, b, labels, 0.5, 2.0,
+                                                           num_items_in_batch=n), (s, t))
 
 
 def test_trl_labels_only_select_positions():
