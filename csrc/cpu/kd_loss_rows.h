@@ -34,8 +34,8 @@ template <bool Convert, typename T>
 std::tuple<T, T, LogitsRow<T, Convert>> load_scaled(const Problem& p, Workspace<T>& w, int64_t r,
                                                     T* zs, T* zt) {
   const int64_t v = p.v;
-  const auto xs = logits_row<Convert>(p.student, p.student_dtype, r, v, w.row(XS));
-  const auto xt = logits_row<Convert>(p.teacher, p.teacher_dtype, r, v, w.row(XT));
+  const auto xs = logits_row<Convert>(p.student, p.student_dtype, r, p.n, v, w.row(XS));
+  const auto xt = logits_row<Convert>(p.teacher, p.teacher_dtype, r, p.n, v, w.row(XT));
   const Vec<T> ts(static_cast<const T*>(p.tau_s)[r]), tt(static_cast<const T*>(p.tau_t)[r]);
   const Vec<T> ninf(-std::numeric_limits<T>::infinity());
   Vec<T> ms = ninf, mt = ninf;
@@ -126,8 +126,8 @@ KLRow<T, Convert> kl_row(const Problem& p, Workspace<T>& w, int64_t r, const T* 
                          const T* grad_div, const T* grad_ce) {
   const int64_t n = p.n, v = p.v;
   const T tau_s = static_cast<const T*>(p.tau_s)[r], tau_t = static_cast<const T*>(p.tau_t)[r];
-  return {logits_row<Convert>(p.student, p.student_dtype, r, v, w.row(XS)),
-          logits_row<Convert>(p.teacher, p.teacher_dtype, r, v, w.row(XT)),
+  return {logits_row<Convert>(p.student, p.student_dtype, r, p.n, v, w.row(XS)),
+          logits_row<Convert>(p.teacher, p.teacher_dtype, r, p.n, v, w.row(XT)),
           v, tau_s, tau_t,
           stats[MAX_S * n + r], stats[MAX_T * n + r], stats[LOG_S * n + r], stats[LOG_T * n + r],
           grad_div[r] / tau_s, grad_div[r] / tau_t,

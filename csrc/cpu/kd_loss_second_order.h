@@ -90,10 +90,10 @@ void double_backward_rows(const Problem& p, const DoubleBackwardIo& io, int64_t 
           KLSecondOrderRow<T, convert()> k{};
           k.in = kl_row<convert()>(p, w, r, stats, grad_div, grad_ce);
           if (io.v_student) {
-            k.vs = logits_row<convert()>(io.v_student, p.student_dtype, r, v, w.row(VS));
+            k.vs = logits_row<convert()>(io.v_student, p.student_dtype, r, p.n, v, w.row(VS));
           }
           if (io.v_teacher) {
-            k.vt = logits_row<convert()>(io.v_teacher, p.teacher_dtype, r, v, w.row(VT));
+            k.vt = logits_row<convert()>(io.v_teacher, p.teacher_dtype, r, p.n, v, w.row(VT));
           }
           k.has_us = us != nullptr;
           k.has_ut = ut != nullptr;
