@@ -134,6 +134,22 @@ def _assert_match(native, portable, compute_dtype):
         assert (a.double() - b.double()).abs().max() <= (tol + 2 * eps) * scale
 
 
+@pytest.mark.parametrize("divergence,beta", DIVS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rows_ignore_the_memory_after_them(divergence, beta, dtype):
+    """A row's last, partial vector is loaded whole where the tensor goes on after the row: the
+    lanes past its end (the next row's values, here NaN or inf) must not reach its results,
+    which equal those of the row alone (loaded value by value), bit for bit."""
+    s, t, cot = (logits(2, 13, dtype=dtype, seed=k) for k in range(3))
+    tau = positive(2, dtype=torch.float32)
+    alone = _all_ops(s[:1], t[:1], tau[:1], tau[:1], None, divergence, beta, cot[:1])[1:]
+    for value in (float("nan"), float("inf")):
+        s2, t2, cot2 = (torch.cat([x[:1], torch.full_like(x[1:], value)]) for x in (s, t, cot))
+        followed = _all_ops(s2, t2, tau, tau, None, divergence, beta, cot2)[1:]
+        for a, b in zip(alone, followed):
+            assert torch.equal(a[0], b[0])
+
+
 @pytest.mark.parametrize("divergence", ["kl", "reverse_kl"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_one_sided_second_order_matches_portable(divergence, dtype):
