@@ -125,6 +125,14 @@ def test_second_order(name):
 
 
 @pytest.mark.parametrize("name", ADAPTERS)
+def test_compile_fullgraph(name):
+    """torch.compile(fullgraph=True) traces each adapter; its backward graph runs kdops' ops."""
+    s, t = _pair((3, 4))
+    compiled = torch.compile(ADAPTERS[name], fullgraph=True, backend="aot_eager")
+    _agree(compiled, ADAPTERS[name], (s, t))
+
+
+@pytest.mark.parametrize("name", ADAPTERS)
 def test_float32_close_to_float64(name):
     s64, t64 = _pair((3, 4))
     got = ADAPTERS[name](s64.detach().float(), t64.detach().float())
