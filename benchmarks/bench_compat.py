@@ -7,8 +7,10 @@ Each adapter against its original as that codebase writes it (`kdops.reference`)
 student's gradient, fp32, at shapes of its field: the CV losses on ImageNet-sized logits
 (256 × 1000, T = 4; torchdistill with α = 0.5 and targets), TRL's generalized JSD on a batch
 of sequences (2 × 256 positions × 32000 vocabulary, about 30% of the positions labelled -100,
-β = 0.5, T = 2); KDOPS_BENCH_COMPAT_SHAPES sets the two shapes. Each case first checks its loss and gradient against the original's, and
-records in extra_info the peak memory it allocates beyond its inputs (MiB; Linux: peak RSS).
+β = 0.5, T = 2); KDOPS_BENCH_COMPAT_SHAPES sets the two shapes (the CV one may have spatial
+dims: classes on dim 1). Each case first checks its loss and gradient against the
+original's, and records in extra_info the peak memory it allocates beyond its inputs (MiB;
+Linux: peak RSS).
 """
 import os
 import sys
@@ -52,10 +54,11 @@ def case(request):
     shape, adapter, original = CASES[request.param]
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(shape, generator=g) * 3, torch.randn(shape, generator=g) * 3
-    lead = (shape[0], *shape[2:]) if len(shape) == 2 else shape[:-1]
-    v = shape[1] if len(shape) == 2 else shape[-1]
-    labels = torch.randint(0, v, lead, generator=g)
-    if request.param.startswith("trl"):
+    lm = request.param.startswith("trl")
+    classes = -1 if lm else 1
+    lead = tuple(d for k, d in enumerate(shape) if k != classes % len(shape))
+    labels = torch.randint(0, shape[classes], lead, generator=g)
+    if lm:
         labels[torch.rand(lead, generator=g) < 0.3] = -100
     return request.param, s, t, labels, {"kdops": adapter, "original": original}
 
