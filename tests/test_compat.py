@@ -132,13 +132,21 @@ def test_compile_fullgraph(name):
     _agree(compiled, ADAPTERS[name], (s, t))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", ADAPTERS)
-def test_float32_close_to_float64(name):
-    s64, t64 = _pair((3, 4))
-    got = ADAPTERS[name](s64.detach().float(), t64.detach().float())
+def test_low_precision_logits(name, dtype):
+    """A float32 loss, computed in float32 from the logits' own values, and gradients in the
+    logits' dtype: against float64 on the same (rounded) values."""
+    s, t = (x.detach().to(dtype).requires_grad_() for x in _pair((3, 4)))
+    got = ADAPTERS[name](s, t)
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), ADAPTERS[name](s64, t64).detach(), rtol=1e-5,
-                               atol=1e-6)
+    grads = torch.autograd.grad(got, (s, t))
+    assert all(g.dtype == dtype for g in grads)
+    s64, t64 = (x.detach().double().requires_grad_() for x in (s, t))
+    want = ADAPTERS[name](s64, t64)
+    torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-6)
+    for g, w in zip(grads, torch.autograd.grad(want, (s64, t64))):
+        torch.testing.assert_close(g.double(), w, rtol=1e-2, atol=1e-4)
 
 
 def test_bad_arguments_raise():

@@ -11,7 +11,9 @@ to second order (MetaDistil- and MKD-style meta-gradients through it included):
     kdops.compat.trl.generalized_jsd_loss    TRL's GKDTrainer.generalized_jsd_loss
 
 Values agree with the originals to floating-point rounding, not bit for bit: the fused
-kernels sum each row in another order than log_softmax + kl_div do. Where an original returns
+kernels sum each row in another order than log_softmax + kl_div do. With bfloat16 or float16
+logits every part of a loss is computed in float32 (the originals compute in the logits'
+dtype), and the gradients come back in the logits' dtype. Where an original returns
 elementwise terms (``reduction="none"``), the adapter raises: kdops computes per-row sums.
 """
 from . import mdistiller, repdistiller, torchdistill, trl

@@ -3,6 +3,7 @@ distillation codebases (logits [B, C, ...] with the classes on dim 1, divergence
 `torch.nn.KLDivLoss` reduces its elementwise terms)."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ..loss import fused_kd_loss
@@ -14,6 +15,12 @@ def check_reduction(reduction: str) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r} (kdops "
                          "computes per-row sums, not the elementwise terms of 'none')")
+
+
+def at_least_float32(x: Tensor) -> Tensor:
+    """x in float32 if it is a 16-bit float (for the parts of a loss that are plain PyTorch,
+    so that they are computed in float32 like the fused part)."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
 
 
 def classes_last(logits: Tensor, name: str) -> Tensor:

@@ -10,11 +10,13 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..loss import fused_kd_loss
-from ._common import classes_last
+from ._common import at_least_float32, classes_last
 
 
 def normalize(logit: Tensor) -> Tensor:
-    """(z − mean z) / (1e-7 + std z) over the last dim, with the unbiased std."""
+    """(z − mean z) / (1e-7 + std z) over the last dim, with the unbiased std; in float32 for
+    16-bit logits."""
+    logit = at_least_float32(logit)
     mean = logit.mean(dim=-1, keepdim=True)
     return (logit - mean) / (1e-7 + logit.std(dim=-1, keepdim=True))
 

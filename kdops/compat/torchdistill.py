@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ._common import check_reduction, soft_kl
+from ._common import at_least_float32, check_reduction, soft_kl
 
 
 class KDLoss(nn.Module):
@@ -21,8 +21,9 @@ class KDLoss(nn.Module):
     The KL term is reduced as `nn.KLDivLoss(reduction)` reduces it (see `_common.soft_kl`);
     the cross-entropy is `nn.CrossEntropyLoss(reduction="mean" for "batchmean", **kwargs)` on
     the student logits, as in the original (so ``ignore_index``, ``label_smoothing`` and
-    ``weight`` in kwargs apply to it alone). Without targets, or with alpha None or 0, the
-    loss is the KL term alone, **without** T² and beta, as torchdistill returns it.
+    ``weight`` in kwargs apply to it alone), in float32 for 16-bit logits like the KL term.
+    Without targets, or with alpha None or 0, the loss is the KL term alone, **without** T²
+    and beta, as torchdistill returns it.
 
     Args:
         student_module_path, student_module_io, teacher_module_path, teacher_module_io: where
@@ -58,4 +59,4 @@ class KDLoss(nn.Module):
             return soft_kl(student, teacher, self.temperature, 1.0, self.reduction)
         soft = soft_kl(student, teacher, self.temperature,
                        self.beta * self.temperature ** 2, self.reduction)
-        return self.alpha * self.cross_entropy_loss(student, targets) + soft
+        return self.alpha * self.cross_entropy_loss(at_least_float32(student), targets) + soft
