@@ -23,7 +23,7 @@ from kdops import reference
 from kdops.compat import mdistiller, repdistiller, torchdistill, trl
 
 sys.path.insert(0, str(Path(__file__).parent))
-from measure import git_sha, peak_extra  # noqa: E402
+from measure import peak_extra  # noqa: E402
 
 CV_SHAPE, LM_SHAPE = (tuple(int(d) for d in shape.split("x")) for shape in os.environ.get(
     "KDOPS_BENCH_COMPAT_SHAPES", "256x1000,2x256x32000").split(","))
@@ -80,7 +80,7 @@ def test_compat(benchmark, case, impl):
     benchmark.group = f"{name} {'x'.join(map(str, s.shape))}"
     benchmark.extra_info.update(
         impl=impl, case=name, shape=list(s.shape), threads=torch.get_num_threads(),
-        torch=torch.__version__, git_sha=git_sha(),
+        torch=torch.__version__,
         peak_extra_mib=peak_extra(_forward_backward, args, 2 ** 20))
     benchmark.pedantic(_forward_backward, args=args, rounds=10 if s.numel() > 1e7 else 100,
                        warmup_rounds=1)
