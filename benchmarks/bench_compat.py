@@ -2,6 +2,7 @@
 
     python -m pytest benchmarks/bench_compat.py
     KDOPS_BENCH_COMPAT_SHAPES=64x100,4x128x32000 python -m pytest benchmarks/bench_compat.py
+    KDOPS_BENCH_DEVICE=cuda python -m pytest benchmarks/bench_compat.py
 
 Each adapter against its original as that codebase writes it (`kdops.reference`), on the
 student's gradient, fp32, at shapes of its field: the CV losses on ImageNet-sized logits
@@ -9,8 +10,8 @@ student's gradient, fp32, at shapes of its field: the CV losses on ImageNet-size
 of sequences (2 × 256 positions × 32000 vocabulary, about 30% of the positions labelled -100,
 β = 0.5, T = 2); KDOPS_BENCH_COMPAT_SHAPES sets the two shapes (the CV one may have spatial
 dims: classes on dim 1). Each case first checks its loss and gradient against the
-original's, and records in extra_info the peak memory it allocates beyond its inputs (MiB;
-Linux: peak RSS).
+original's, and records in extra_info the peak memory it allocates beyond its inputs (MiB:
+the CUDA allocator's peak on a GPU, peak RSS on a Linux CPU).
 """
 import os
 import sys
@@ -23,7 +24,7 @@ from kdops import reference
 from kdops.compat import mdistiller, repdistiller, torchdistill, trl
 
 sys.path.insert(0, str(Path(__file__).parent))
-from measure import peak_extra  # noqa: E402
+from measure import DEVICE, DEVICE_NAME, peak_extra, synchronize  # noqa: E402
 
 CV_SHAPE, LM_SHAPE = (tuple(int(d) for d in shape.split("x")) for shape in os.environ.get(
     "KDOPS_BENCH_COMPAT_SHAPES", "256x1000,2x256x32000").split(","))
@@ -60,6 +61,7 @@ def case(request):
     labels = torch.randint(0, shape[classes], lead, generator=g)
     if lm:
         labels[torch.rand(lead, generator=g) < 0.3] = -100
+    s, t, labels = s.to(DEVICE), t.to(DEVICE), labels.to(DEVICE)
     return request.param, s, t, labels, {"kdops": adapter, "original": original}
 
 
@@ -67,6 +69,7 @@ def _forward_backward(fn, s, t, labels):
     s = s.detach().requires_grad_()
     loss = fn(s, t, labels)
     loss.backward()
+    synchronize()
     return loss.detach(), s.grad
 
 
@@ -79,8 +82,8 @@ def test_compat(benchmark, case, impl):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-7)
     benchmark.group = f"{name} {'x'.join(map(str, s.shape))}"
     benchmark.extra_info.update(
-        impl=impl, case=name, shape=list(s.shape), threads=torch.get_num_threads(),
-        torch=torch.__version__,
-        peak_extra_mib=peak_extra(_forward_backward, args, 2 ** 20))
+        impl=impl, case=name, shape=list(s.shape), device=DEVICE_NAME,
+        threads=torch.get_num_threads(), torch=torch.__version__,
+        peak_extra_mib=peak_extra(_forward_backward, args, 2 ** 20, DEVICE))
     benchmark.pedantic(_forward_backward, args=args, rounds=10 if s.numel() > 1e7 else 100,
                        warmup_rounds=1)

@@ -10,6 +10,8 @@ MetaDistil's pilot update. Modes:
   forward           the new parameters, without autograd
   forward_backward  params and grads require grad (the grads come from a create_graph
                     backward in a real pilot); the step, then the gradient of <cot, p'> to both
+                    (torch.autograd.grad: nothing accumulates, so the same leaves serve every
+                    round and the timing holds no per-round setup)
 Implementations: kdops (native kernels where built), kdops_portable (the portable
 torch._foreach implementation, only when the native kernels are there), loop (the per-tensor
 `p - lr * g` of MetaDistil, higher and learn2learn: `reference.sgd_step`), foreach
@@ -72,7 +74,10 @@ def copy_bandwidth():
 @pytest.fixture(scope="module", params=_lists())
 def lists(request):
     params, grads = param_list(request.param)
-    params, grads = [p.to(DEVICE) for p in params], [g.to(DEVICE) for g in grads]
+    # Leaves that require grad, as a real pilot's params and create_graph gradients do: the
+    # forward_backward mode differentiates them, the forward mode runs under no_grad.
+    params = [p.to(DEVICE).requires_grad_() for p in params]
+    grads = [g.to(DEVICE).requires_grad_() for g in grads]
     cot = [torch.randn_like(p) for p in params]
     return request.param, params, grads, cot
 
@@ -85,10 +90,8 @@ def _forward(fn, params, grads, cot):
 
 
 def _forward_backward(fn, params, grads, cot):
-    params = [p.detach().requires_grad_() for p in params]
-    grads = [g.detach().requires_grad_() for g in grads]
     out = fn(params, grads)
-    result = [o.detach() for o in out] + list(torch.autograd.grad(out, params + grads, cot))
+    result = [*out, *torch.autograd.grad(out, params + grads, cot)]
     synchronize()
     return result
 

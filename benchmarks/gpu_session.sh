@@ -2,19 +2,22 @@
 # Everything kdops checks on a GPU machine, in stages, for one call of a lent device:
 #
 #   OUT=/tmp/kdops-gpu KDOPS_GIT_SHA=$(git rev-parse HEAD) \
-#       bash benchmarks/gpu_session.sh build gpu_tests sanitize bench_kd bench_pilot bench_meta bench_jvp
+#       bash benchmarks/gpu_session.sh build gpu_tests sanitize bench_kd bench_pilot bench_meta \
+#       bench_jvp bench_compat
 #
 # build        compiles kdops._C with the CUDA kernels for sm_90 in place and copies it,
 #              stripped, to $OUT (to carry next time: skipped when a build is already there)
 # gpu_tests    the GPU tests: Triton kernels against float64, 64-bit offsets, no host sync,
 #              the CUDA pilot kernels bit for bit against the CPU ones, one launch per direction,
-#              the tangent replay of kdops.meta on CUDA networks (cuDNN batch norm)
+#              the tangent replay of kdops.meta on CUDA networks (cuDNN batch norm), the
+#              meta steps, the kdops.compat adapters on CUDA logits
 # sanitize     compute-sanitizer memcheck over one run of each kernel (tests/sanitize_kernels.py)
 # bench_kd     benchmarks/bench_kd_loss_gpu.py (KDOPS_BENCH_SHAPES / _DTYPES pick a subset,
 #              KDOPS_BENCH_K a pytest -k expression, KDOPS_BENCH_TAG a suffix of its JSON)
 # bench_pilot  benchmarks/bench_pilot_sgd.py on the GPU
 # bench_meta   benchmarks/bench_meta_step.py on the GPU
 # bench_jvp    benchmarks/bench_student_jvp.py on the GPU
+# bench_compat benchmarks/bench_compat.py on the GPU (KDOPS_BENCH_COMPAT_SHAPES picks the shapes)
 #
 # Every stage's output goes to $OUT/session.log, pytest-benchmark JSON to $OUT/<gpu>-*.json
 # with the git sha in its commit_info (the device copy of the tree has no .git). Liger-Kernel
@@ -53,7 +56,7 @@ build() {
 
 gpu_tests() {
     python3 -m pytest -q -n 8 tests/test_triton.py tests/test_pilot.py tests/test_tangent.py \
-        --junitxml="$OUT/gpu-tests.xml"
+        tests/test_meta.py tests/test_compat.py --junitxml="$OUT/gpu-tests.xml"
 }
 
 sanitize() {
@@ -73,6 +76,7 @@ bench_kd() { bench bench_kd_loss_gpu.py "$GPU-kd_loss${KDOPS_BENCH_TAG:-}.json";
 bench_pilot() { bench bench_pilot_sgd.py "$GPU-pilot_sgd.json"; }
 bench_meta() { bench bench_meta_step.py "$GPU-meta_step.json"; }
 bench_jvp() { bench bench_student_jvp.py "$GPU-student_jvp.json"; }
+bench_compat() { bench bench_compat.py "$GPU-compat.json"; }
 
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv

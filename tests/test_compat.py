@@ -112,8 +112,9 @@ ADAPTERS = {
     "repdistiller": lambda a, b: repdistiller.DistillKL(T)(a, b),
     "mdistiller": lambda a, b: mdistiller.kd_loss(a, b, T, logit_stand=True),
     "torchdistill": lambda a, b: torchdistill.KDLoss("m", "o", "m", "o", T, alpha=0.4)(
-        {"m": {"o": a}}, {"m": {"o": b}}, torch.tensor([1, 0, 2])),
-    "trl": lambda a, b: trl.generalized_jsd_loss(a, b, torch.tensor([1, -100, 2]), 0.3, 2.0),
+        {"m": {"o": a}}, {"m": {"o": b}}, torch.tensor([1, 0, 2], device=a.device)),
+    "trl": lambda a, b: trl.generalized_jsd_loss(
+        a, b, torch.tensor([1, -100, 2], device=a.device), 0.3, 2.0),
 }
 
 
@@ -132,21 +133,24 @@ def test_compile_fullgraph(name):
     _agree(compiled, ADAPTERS[name], (s, t))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", ADAPTERS)
-def test_low_precision_logits(name, dtype):
+def test_low_precision_logits(name, dtype, device):
     """A float32 loss, computed in float32 from the logits' own values, and gradients in the
-    logits' dtype: against float64 on the same (rounded) values."""
-    s, t = (x.detach().to(dtype).requires_grad_() for x in _pair((3, 4)))
+    logits' dtype: against float64 on the CPU on the same (rounded) values. On CUDA the fused
+    part runs the Triton kernels."""
+    s, t = (x.detach().to(device, dtype).requires_grad_() for x in _pair((3, 4)))
     got = ADAPTERS[name](s, t)
-    assert got.dtype == torch.float32
+    assert got.dtype == torch.float32 and got.device == s.device
     grads = torch.autograd.grad(got, (s, t))
-    assert all(g.dtype == dtype for g in grads)
-    s64, t64 = (x.detach().double().requires_grad_() for x in (s, t))
+    assert all(g.dtype == dtype and g.device == s.device for g in grads)
+    s64, t64 = (x.detach().cpu().double().requires_grad_() for x in (s, t))
     want = ADAPTERS[name](s64, t64)
-    torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.cpu().double(), want.detach(), rtol=1e-5, atol=1e-6)
     for g, w in zip(grads, torch.autograd.grad(want, (s64, t64))):
-        torch.testing.assert_close(g.double(), w, rtol=1e-2, atol=1e-4)
+        torch.testing.assert_close(g.cpu().double(), w, rtol=1e-2, atol=1e-4)
 
 
 def test_bad_arguments_raise():
