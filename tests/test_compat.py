@@ -108,10 +108,14 @@ def test_trl_labels_only_select_positions():
     torch.testing.assert_close(trl.generalized_jsd_loss(s, t, labels), want, rtol=1e-12, atol=0)
 
 
+# The loss modules are built once, as training code builds them (torch 2.11's torch.compile
+# cannot trace an nn.Module's construction inside the compiled function).
+_DISTILL_KL = repdistiller.DistillKL(T)
+_KD_LOSS = torchdistill.KDLoss("m", "o", "m", "o", T, alpha=0.4)
 ADAPTERS = {
-    "repdistiller": lambda a, b: repdistiller.DistillKL(T)(a, b),
+    "repdistiller": lambda a, b: _DISTILL_KL(a, b),
     "mdistiller": lambda a, b: mdistiller.kd_loss(a, b, T, logit_stand=True),
-    "torchdistill": lambda a, b: torchdistill.KDLoss("m", "o", "m", "o", T, alpha=0.4)(
+    "torchdistill": lambda a, b: _KD_LOSS(
         {"m": {"o": a}}, {"m": {"o": b}}, torch.tensor([1, 0, 2], device=a.device)),
     "trl": lambda a, b: trl.generalized_jsd_loss(
         a, b, torch.tensor([1, -100, 2], device=a.device), 0.3, 2.0),
