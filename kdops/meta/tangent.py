@@ -169,12 +169,14 @@ class TangentTape:
         return slots if tracked else None
 
     def _check(self, func, x):
-        slot = self._slot(x)
-        if slot is None:
+        tag = getattr(x, _TAG, None)
+        if tag is None or tag[0] != self._serial:
             if x.requires_grad:
                 self._refuse(f"{func} reads a tensor that requires grad but was not computed "
                              "by the recorded operators")
-        elif x._version != self._version[slot]:
+            return None
+        slot = tag[1]
+        if x._version != self._version[slot]:
             self._refuse(f"{func} reads a tensor changed in place by an operator that did not "
                          "update its tangent")
         return slot
@@ -183,42 +185,72 @@ class TangentTape:
         """Runs one operator, noting it when it reads a tracked tensor."""
         if self._unsettled:
             self._settle()
-        if self._refusal is not None or func in VALUE_FREE:
+        kind = _kind(func)
+        if self._refusal is not None or kind is _VALUE_FREE:
             return func(*args, **kwargs)
         slots = self._input_slots(func, args)
         if slots is None:
             return func(*args, **kwargs)
-        if any(isinstance(v, Tensor) and self._slot(v) is not None for v in kwargs.values()):
+        if kwargs and any(isinstance(v, Tensor) and self._slot(v) is not None
+                          for v in kwargs.values()):
             self._refuse(f"{func} takes a tracked tensor as a keyword argument")
             return func(*args, **kwargs)
-        rule = RULES.get(func)
-        if rule is None and not _replayable(func):
+        if kind is _REFUSED:
             self._refuse(f"no tangent rule for {func} (in place or random)")
             return func(*args, **kwargs)
+        rule = kind if isinstance(kind, Rule) else None
         out = func(*args, **kwargs)
         outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
-        tracked = [s is not None for s in slots]
-        keep_args, keep_outs = rule.keep(tracked, args) if rule else (range(len(args)), ())
-        kept_args = tuple(a if i in keep_args or not _tensors(a) else None
-                          for i, a in enumerate(args))
-        kept_outs = tuple(o if i in keep_outs else None for i, o in enumerate(outs))
-        out_slots = []
-        for o in outs:
-            if isinstance(o, Tensor) and (o.is_floating_point() or o.is_complex()):
-                slot = len(self._version)
-                setattr(o, _TAG, (self._serial, slot))
-                self._unsettled.append((slot, o))
-                self._version.append(None)
-                out_slots.append(slot)
+        if rule is None:
+            keep_args, keep_outs = range(len(args)), ()
+        else:
+            keep_args, keep_outs = rule.keep([s is not None for s in slots], args)
+        kept_args, versions = list(args), []
+        for i, a in enumerate(args):
+            if i in keep_args:
+                versions.extend((t, t._version, None) for t in _tensors(a))
+            elif isinstance(a, (Tensor, list, tuple)) and _tensors(a):
+                kept_args[i] = None
+        kept_outs, out_slots, meta = [], [], []
+        for i, o in enumerate(outs):
+            slot = None
+            if isinstance(o, Tensor):
+                meta.append((o.shape, o.dtype))
+                if o.is_floating_point() or o.is_complex():
+                    slot = len(self._version)
+                    setattr(o, _TAG, (self._serial, slot))
+                    self._unsettled.append((slot, o))
+                    self._version.append(None)
             else:
-                out_slots.append(None)
-        versions = [(t, t._version, None) for i in keep_args for t in _tensors(args[i])]
-        versions += [(o, None, s) if s is not None else (o, o._version, None)
-                     for o, s in zip(kept_outs, out_slots) if o is not None]
-        meta = tuple((o.shape, o.dtype) if isinstance(o, Tensor) else None for o in outs)
-        self._entries.append(_Entry(func, rule, kept_args, kwargs, tuple(slots), kept_outs,
-                                    tuple(out_slots), meta, tuple(versions)))
+                meta.append(None)
+            out_slots.append(slot)
+            if i in keep_outs:
+                kept_outs.append(o)
+                versions.append((o, None, slot) if slot is not None else (o, o._version, None))
+            else:
+                kept_outs.append(None)
+        self._entries.append(_Entry(func, rule, tuple(kept_args), kwargs, tuple(slots),
+                                    tuple(kept_outs), tuple(out_slots), tuple(meta),
+                                    tuple(versions)))
         return out
+
+
+# What `_record` does with an operator: a Rule, forward-mode autograd (_FORWARD_AD), nothing
+# (_VALUE_FREE: outputs that depend on the inputs' shapes only) or a refusal (_REFUSED: in
+# place or random, without a rule). Cached per operator.
+_FORWARD_AD, _VALUE_FREE, _REFUSED = "forward_ad", "value_free", "refused"
+_KINDS: dict = {}
+
+
+def _kind(func):
+    kind = _KINDS.get(func)
+    if kind is None:
+        if func in VALUE_FREE:
+            kind = _VALUE_FREE
+        else:
+            kind = RULES.get(func) or (_FORWARD_AD if _replayable(func) else _REFUSED)
+        _KINDS[func] = kind
+    return kind
 
 
 class _Recorder(TorchDispatchMode):
