@@ -1,4 +1,4 @@
-"""The student's JVP of kdops.meta's "jvp" mode: the tape against a second forward (pytest-benchmark).
+"""The student's JVP of kdops.meta's "jvp" mode: tape and graph against a second forward (pytest-benchmark).
 
     python -m pytest benchmarks/bench_student_jvp.py
     KDOPS_BENCH_DEVICE=cuda python -m pytest benchmarks/bench_student_jvp.py
@@ -10,9 +10,12 @@ mode, BatchNorm on batch statistics). Cases:
   forward_recorded  the same forward under a kdops.meta.tangent.TangentTape (what the pilot of
                     "jvp" mode pays for the record)
   replay            TangentTape.jvp: the tangents of the recorded forward along u
+  graph_replay      graph_jvp: the same tangents read off the forward's autograd graph (what
+                    "jvp" mode runs once a recorded forward showed the graph readable: the
+                    pilot's forward then costs the plain forward)
   torch_func_jvp    torch.func.jvp over functional_call: the primal forward again beside the
                     tangents (the fallback, and kdops' "jvp" mode before the tape)
-The replay is checked against torch.func.jvp first, to float32 rounding: with cuDNN's TF32
+Both replays are checked against torch.func.jvp first, to float32 rounding: with cuDNN's TF32
 convolutions off for the check (on by default, they round both to about 1e-3).
 """
 import contextlib
@@ -25,6 +28,7 @@ import torch
 from torch.func import functional_call, jvp
 
 from kdops import meta
+from kdops.meta.graph_tangent import graph_jvp
 from kdops.meta.tangent import TangentTape
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -69,6 +73,7 @@ CASES = {
     "forward": lambda net, x, params, tangents, tape, out: net(x),
     "forward_recorded": lambda net, x, params, tangents, tape, out: _recorded(net, x, params),
     "replay": lambda net, x, params, tangents, tape, out: tape.jvp(out, tangents),
+    "graph_replay": lambda net, x, params, tangents, tape, out: graph_jvp(out, params, tangents),
     "torch_func_jvp": lambda net, x, params, tangents, tape, out: _second_forward(
         net, x, params, tangents),
 }
@@ -82,6 +87,8 @@ def test_student_jvp(benchmark, student, case):
             tape, out = _recorded(net, x, params)
             want = _second_forward(net, x, params, tangents)
             torch.testing.assert_close(tape.jvp(out, tangents), want, rtol=1e-3, atol=1e-3)
+            torch.testing.assert_close(graph_jvp(out, params, tangents), want, rtol=1e-3,
+                                       atol=1e-3)
         tape, out = _recorded(net, x, params)
         run = CASES[case]
 

@@ -1,5 +1,6 @@
-"""kdops.meta.tangent.TangentTape: the JVP of a recorded forward, against torch.func.jvp of a
-second forward (float64, train-mode networks), and its refusals."""
+"""The student's JVP without a second forward: kdops.meta.tangent.TangentTape (a recorded
+forward) and kdops.meta.graph_tangent (the autograd graph of an unobserved one), against
+torch.func.jvp of a second forward (float64, train-mode networks), and their refusals."""
 import copy
 import warnings
 import weakref
@@ -12,6 +13,8 @@ from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kdops import meta
+from kdops.meta import gradient
+from kdops.meta.graph_tangent import _nodes, graph_jvp, readable
 from kdops.meta.tangent import TangentTape, UnsupportedForward
 
 DEVICES = ["cpu", "cuda"]
@@ -103,8 +106,36 @@ def eval_batch_norm():
     return net
 
 
+class Pointwise(nn.Module):
+    """The graph reader's other operators: dropout, GELU, SiLU, sigmoid, a product, a weight
+    used twice, a batched matmul, permutations, sums, means, views, an expansion, a clone,
+    scalar arithmetic."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(6, 8)
+        self.mix = nn.Parameter(torch.randn(8, 8) / 3)
+        self.drop = nn.Dropout(0.3)
+        self.out = nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = self.drop(F.gelu(self.embed(x)))
+        g = torch.sigmoid(h) * F.silu(h @ self.mix @ self.mix.t())
+        a = torch.bmm(g.permute(0, 2, 1), torch.tanh(g)).sum(-1) / 3 - 1
+        b = a.unsqueeze(1).expand(4, 3, 8).mean(1) + (-g).clone().transpose(1, 2).mean(2)
+        return self.out(b.unsqueeze(1).squeeze(1)) * g.mean() + g.sum()
+
+
+def pooled():
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, stride=2), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.AvgPool2d(3, stride=1, padding=1), nn.AdaptiveAvgPool2d(2),
+                         nn.Flatten(), nn.Linear(16, 5))
+
+
 NETS = {
     "residual": (ResidualBlock, (4, 3, 6, 6)),
+    "pointwise": (Pointwise, (4, 7, 6)),
+    "pooled": (pooled, (4, 3, 6, 6)),
     "mixer": (Mixer, (4, 7, 6)),
     "eval_batch_norm": (eval_batch_norm, (4, 3, 6, 6)),
     "clamped": (clamped, (4, 3, 6, 6)),
@@ -119,15 +150,30 @@ def _device(name):
     return torch.device(name)
 
 
-def _recorded_and_reference(net, x, sources, tangents):
-    """(tape's JVP of the recorded forward, torch.func.jvp of a second forward with the same
-    random draws and batch statistics)."""
-    state = torch.random.get_rng_state(), (torch.cuda.get_rng_state()
-                                           if x.is_cuda else None)
+# The nets whose every autograd node the graph reader covers (the others have a layer norm, a
+# concatenation or a fused attention kernel).
+GRAPH_READABLE = {"residual", "pointwise", "pooled", "eval_batch_norm", "clamped"}
+
+
+def _tape_jvp(net, x, sources, tangents):
     tape = TangentTape(sources)
     with tape:
         out = net(x)
-    got = tape.jvp(out, tangents)
+    return tape.jvp(out, tangents)
+
+
+def _graph_jvp(net, x, sources, tangents):
+    out = net(x)
+    assert readable(out)
+    return graph_jvp(out, sources, tangents)
+
+
+def _recorded_and_reference(net, x, sources, tangents, jvp_of=_tape_jvp):
+    """(`jvp_of`'s JVP of the forward, by default the tape's of a recorded one, and
+    torch.func.jvp of a second forward with the same random draws and batch statistics)."""
+    state = torch.random.get_rng_state(), (torch.cuda.get_rng_state()
+                                           if x.is_cuda else None)
+    got = jvp_of(net, x, sources, tangents)
     torch.random.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state(state[1])
@@ -144,11 +190,7 @@ def _recorded_and_reference(net, x, sources, tangents):
     return got, want
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", list(NETS))
-@pytest.mark.parametrize("sources", ["all", "weights", "vectors"])
-def test_tape_jvp_matches_a_second_forward(name, sources, device):
-    device = _device(device)
+def _net_and_sources(name, sources, device):
     build, shape = NETS[name]
     torch.manual_seed(0)
     net = build().double().to(device)
@@ -158,10 +200,78 @@ def test_tape_jvp_matches_a_second_forward(name, sources, device):
         for p in params:
             p.requires_grad_((p.dim() > 1) == (sources == "weights"))
         params = [p for p in params if p.requires_grad]
-    tangents = [torch.randn_like(p) for p in params]
-    got, want = _recorded_and_reference(net, x, params, tangents)
+    return net, x, params, [torch.randn_like(p) for p in params]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", list(NETS))
+@pytest.mark.parametrize("sources", ["all", "weights", "vectors"])
+def test_tape_jvp_matches_a_second_forward(name, sources, device):
+    got, want = _recorded_and_reference(*_net_and_sources(name, sources, _device(device)))
     assert want.abs().max() > 0.1
     torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", sorted(GRAPH_READABLE))
+@pytest.mark.parametrize("sources", ["all", "weights", "vectors"])
+def test_graph_jvp_matches_a_second_forward(name, sources, device):
+    got, want = _recorded_and_reference(*_net_and_sources(name, sources, _device(device)),
+                                        jvp_of=_graph_jvp)
+    assert want.abs().max() > 0.1
+    torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_graph_jvp_through_cudnn_batch_norm(training, monkeypatch):
+    """cuDNN's batch norm serves float32 on a GPU (float64 takes the native kernel)."""
+    device = _device("cuda")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)   # both JVPs exact float32
+    torch.manual_seed(0)
+    net = pooled().to(device).train(training)
+    x = torch.randn(4, 3, 6, 6, device=device)
+    assert "CudnnBatchNormBackward0" in {type(n).__name__ for n in _nodes(net(x))[0]}
+    params = list(net.parameters())
+    tangents = [torch.randn_like(p) for p in params]
+    got, want = _recorded_and_reference(net, x, params, tangents, jvp_of=_graph_jvp)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(set(NETS) - GRAPH_READABLE))
+def test_graph_jvp_refuses_nodes_it_has_no_rule_for(name):
+    net, x, params, tangents = _net_and_sources(name, "all", torch.device("cpu"))
+    out = net(x)
+    assert not readable(out)
+    with pytest.raises(UnsupportedForward, match="no tangent rule for the autograd node"):
+        graph_jvp(out, params, tangents)
+
+
+def test_graph_jvp_refuses_a_graph_changed_or_freed_since_the_forward():
+    net, x, params, tangents = _net_and_sources("pooled", "all", torch.device("cpu"))
+    out = net(x)
+    with torch.no_grad():
+        net[0].weight.mul_(2)                  # the convolution saved it for its backward
+    with pytest.raises(UnsupportedForward, match="modified by an inplace operation"):
+        graph_jvp(out, params, tangents)
+    out = net(x)
+    out.sum().backward()                       # frees the saved tensors
+    with pytest.raises(UnsupportedForward, match="ConvolutionBackward0"):
+        graph_jvp(out, params, tangents)
+
+
+def test_graph_jvp_holds_other_leaves_constant_and_checks_its_tangents():
+    torch.manual_seed(0)
+    w, v = torch.randn(3, 3, dtype=torch.float64, requires_grad=True), torch.randn(
+        3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    out = torch.tanh(x @ w + v) @ w            # w read twice, v not a source
+    dw = torch.randn_like(w)
+    want = jvp(lambda w_: torch.tanh(x @ w_ + v.detach()) @ w_, (w.detach(),), (dw,))[1]
+    torch.testing.assert_close(graph_jvp(out, [w], [dw]), want, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(graph_jvp(x * 2, [w], [dw]), torch.zeros(2, 3,
+                                                                       dtype=torch.float64))
+    with pytest.raises(ValueError, match="1 tangents for 2 sources"):
+        graph_jvp(out, [w, v], [dw])
 
 
 def test_tape_keeps_the_forward_differentiable_and_its_statistics_moving():
@@ -360,6 +470,43 @@ def test_jvp_mode_falls_back_to_a_second_forward_with_a_warning():
     assert len(calls) == 3
     for got, want in zip(jvp_grads, _meta_grads(student, teacher, "autograd")):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("readable_graph", [True, False])
+def test_jvp_mode_reads_the_graph_once_a_record_showed_it_readable(readable_graph, monkeypatch):
+    """The first "jvp" pilot forward is recorded; where its autograd graph is readable, the
+    later ones run unobserved and graph_jvp reads them. The same meta-gradients every time."""
+    records = []
+
+    class CountingTape(TangentTape):
+        def __enter__(self):
+            records.append(1)
+            return super().__enter__()
+
+    monkeypatch.setattr(gradient, "TangentTape", CountingTape)
+    torch.manual_seed(0)
+    middle = nn.Dropout(0.2) if readable_graph else nn.LayerNorm(8)
+    student = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), middle, nn.Linear(8, 4)).double()
+    teacher = nn.Linear(3, 4).double()
+    want = _meta_grads(student, teacher, "autograd")
+    for _ in range(3):
+        for got, w in zip(_meta_grads(student, teacher, "jvp"), want):
+            torch.testing.assert_close(got, w, rtol=1e-10, atol=1e-13)
+    assert len(records) == (1 if readable_graph else 3)
+    assert gradient._GRAPH_READABLE[student] is readable_graph
+
+
+def test_jvp_mode_falls_back_when_a_graph_it_expected_readable_is_not():
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Linear(3, 8), nn.LayerNorm(8), nn.Linear(8, 4)).double()
+    teacher = nn.Linear(3, 4).double()
+    gradient._GRAPH_READABLE[student] = True           # as if an earlier graph had been
+    with pytest.warns(UserWarning, match="no tangent rule for the autograd node "
+                                         "NativeLayerNormBackward0"):
+        got = _meta_grads(student, teacher, "jvp")
+    assert not gradient._GRAPH_READABLE[student]       # the next pilot is recorded again
+    for g, w in zip(got, _meta_grads(student, teacher, "autograd")):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-13)
 
 
 def test_attention_student_meta_gradient_through_the_fused_kernel():

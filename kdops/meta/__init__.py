@@ -14,10 +14,14 @@ meta-parameters) in one of three ways:
     any network. Exact for one pilot step of SGD, with weight decay and momentum (K is the
     momentum's factor on the gradient: 1, 1 − dampening, or 1 + m·(1 − dampening) for
     Nesterov; the buffers do not depend on w). z comes from the pilot's own forward of the
-    student, recorded by a `tangent.TangentTape`: only the tangent terms run (two
-    convolutions per convolution, say), not the forward again. Where the tape cannot replay
-    that forward exactly (an in-place or random operator it has no rule for, a compiled
-    region) a warning says why and torch.func.jvp runs a second forward instead. Attention
+    student: only the tangent terms run (two convolutions per convolution, say), not the
+    forward again. The first such forward of a student is recorded by a
+    `tangent.TangentTape`; once a record shows that `graph_tangent.graph_jvp` covers every
+    node of its autograd graph (convolutional and MLP students), the later forwards run
+    unobserved and the tangents are read off their graphs, so the record's cost (tens of
+    microseconds per operator) goes. Where neither can replay a forward exactly (an in-place
+    or random operator without a rule, a compiled region) a warning says why and
+    torch.func.jvp runs a second forward instead. Attention
     through F.scaled_dot_product_attention replays without dropout, or with the dropout of
     the math kernel (whose masks are recorded); a fused kernel's attention dropout cannot be
     replayed, and torch.func.jvp has no rule for those kernels: use "autograd" or

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from typing import Callable, Sequence
 
 import torch
@@ -13,10 +14,15 @@ from torch.func import functional_call, jvp
 from .._pilot_autograd import step_coefficients
 from ..loss import fused_kd_loss
 from ..pilot import pilot_sgd_step
+from .graph_tangent import graph_jvp, readable
 from .tangent import TangentTape, UnsupportedForward
 from .train_mode import PhaseTimer, _ReplayRng, _untimed, frozen_batch_norm_stats
 
 MODES = ("jvp", "autograd", "finite_difference")
+
+# Students whose last recorded forward `graph_jvp` could have replayed from its autograd graph:
+# their next forwards run unrecorded (the record costs tens of microseconds per operator).
+_GRAPH_READABLE = weakref.WeakKeyDictionary()
 
 
 def meta_gradient(student: nn.Module, teacher_logits: Tensor, inputs, labels: Tensor,
@@ -41,8 +47,7 @@ def meta_gradient(student: nn.Module, teacher_logits: Tensor, inputs, labels: Te
             as `kdops.pilot_sgd_step` (momentum_buffers: the student optimizer's, or None).
         mode: "jvp", "autograd" or "finite_difference" (module docstring).
         recompute_student: graph-free modes only. False: the pilot's forward of the student
-            is kept (its graph for "student_logits", its record for the JVP) through the
-            quiz. True: it is freed after the pilot's backward and run again after the quiz,
+            is kept (its graph for "student_logits" and the JVP) through the quiz. True: it is freed after the pilot's backward and run again after the quiz,
             with the same dropout masks and batch statistics: the peak holds one student
             graph instead of two (the pilot's beside the quiz's), for one more forward.
         timer: a `PhaseTimer` to accumulate the time of each phase in, or None.
@@ -80,8 +85,7 @@ def meta_gradient(student: nn.Module, teacher_logits: Tensor, inputs, labels: Te
                     quiz_loss=quiz.detach())
     # Graph-free modes: the loss is differentiated on the logits only.
     with phase("pilot"):
-        s, tape = _forward(student, inputs,
-                           theta if mode == "jvp" and not recompute_student else None)
+        s, tape = _forward(student, inputs, theta, mode == "jvp" and not recompute_student)
         s_leaf = s.detach().requires_grad_()
         pilot = fused_kd_loss(s_leaf, teacher_logits, labels=labels, **kd_kwargs)
         (g_s,) = torch.autograd.grad(pilot, s_leaf, create_graph=True)
@@ -97,7 +101,7 @@ def meta_gradient(student: nn.Module, teacher_logits: Tensor, inputs, labels: Te
     with phase("meta_gradient"):
         if recompute_student:         # the pilot's forward again: same masks and statistics
             with rng.replay(), frozen_batch_norm_stats(student):
-                s, tape = _forward(student, inputs, theta if mode == "jvp" else None)
+                s, tape = _forward(student, inputs, theta, mode == "jvp")
         z = _student_jvp(student, names, theta, u, inputs, rng, mode, fd_eps, tape, s)
         del tape
         # θ' = θ − lr·(K·g + terms free of the meta-parameters): K, the step's factor on g.
@@ -115,10 +119,13 @@ def _quiz(student, fast, quiz_inputs, quiz_labels, quiz_loss):
         return quiz_loss(functional_call(student, fast, (quiz_inputs,)), quiz_labels)
 
 
-def _forward(student, inputs, record):
-    """(the student's logits on `inputs` with their graph, the `TangentTape` of that forward
-    with `record` as its sources, or None when `record` is None)."""
-    tape = TangentTape(record) if record is not None else None
+def _forward(student, inputs, theta, jvp_after):
+    """(the student's logits on `inputs` with their graph, a `TangentTape` of that forward
+    with `theta` as its sources or None). With `jvp_after`, the JVP along θ follows: the
+    forward is recorded unless the student's last recorded graph was readable (`graph_jvp`
+    then reads this one)."""
+    record = jvp_after and not _GRAPH_READABLE.get(student, False)
+    tape = TangentTape(theta) if record else None
     with tape or contextlib.nullcontext():
         return student(inputs), tape
 
@@ -127,14 +134,21 @@ def _student_jvp(student, names, theta, u, inputs, rng, mode, fd_eps, tape, s):
     """z = J_s(θ)·u: the student's logits on `inputs` differentiated along u, forward-mode or
     by central differences, with the pilot forward's dropout masks and batch statistics.
 
-    In "jvp" mode the tangents of the pilot forward's recorded operators (`TangentTape`), or,
-    where the tape cannot replay that forward, torch.func.jvp of a second forward."""
-    if tape is not None:
+    In "jvp" mode the tangents of the pilot forward: read off its autograd graph
+    (`graph_jvp`) where the student's graphs have been readable, else replayed from its
+    record (`TangentTape`), which also learns whether the graph was readable. Where neither
+    serves, torch.func.jvp of a second forward."""
+    if mode == "jvp":
         try:
-            return tape.jvp(s, u)
+            if tape is None:
+                return graph_jvp(s, theta, u)
+            z = tape.jvp(s, u)
+            _GRAPH_READABLE[student] = readable(s)
+            return z
         except UnsupportedForward as e:
+            _GRAPH_READABLE[student] = False
             warnings.warn(f"kdops.meta: the student's JVP runs a second forward with "
-                          f"torch.func.jvp, since its recorded forward cannot be replayed: {e}",
+                          f"torch.func.jvp, since its pilot forward cannot be replayed: {e}",
                           stacklevel=4)
     primals = tuple(p.detach() for p in theta)
 

@@ -1,0 +1,246 @@
+"""The student's JVP read off the autograd graph of a forward that nobody watched.
+
+A forward with autograd leaves a graph whose nodes keep what their backward needs; for the
+operators below that is what their tangent needs too (a convolution's input and weight, a batch
+norm's input and batch statistics, a ReLU's output). `graph_jvp(output, sources, tangents)`
+walks the graph from the sources' AccumulateGrad nodes to `output` and runs, node by node, the
+tangent rules of `tangent_rules` on those saved values. The forward itself costs nothing extra:
+where `TangentTape` observes every operator of the forward through a dispatch mode (tens of
+microseconds each, which bind a GPU's host), this reads about a hundred nodes once.
+
+It covers the operators of convolutional and multilayer-perceptron students (`NODES`). A graph
+with any other node, or whose saved tensors were changed in place or freed (autograd's own
+checks), raises `UnsupportedForward`; `readable(output)` says beforehand whether every node is
+covered. Tensors that require grad but are not sources are held constant (zero tangent).
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+from .tangent import UnsupportedForward, _shaped
+from .tangent_rules import RULES, _sum, aten
+
+
+class _Node(NamedTuple):
+    rule: Callable    # tangent_rules' (args, tangents, outs, meta, kwargs) -> output tangent(s)
+    edges: tuple      # per input of the node (next_functions), its argument position
+    read: Callable    # node -> (args, outs, kwargs) in the operator's layout, from saved values
+
+
+def _of(func, edges, read):
+    return _Node(RULES[func].tangent, edges, read)
+
+
+def _nothing_saved(arity):
+    return lambda n: ((None,) * arity, (None,), {})
+
+
+def _dims(saved):
+    """Saved dims as a list of ints: a negative one can come back as its unsigned 64-bit
+    pattern (mean over [-1, -2] reads [2**64 - 1, 2**64 - 2])."""
+    return [d - (1 << 64) if d >= 1 << 63 else d for d in saved]
+
+
+def _convolution(n):
+    """convolution: (input, weight, bias, stride, padding, dilation, transposed,
+    output_padding, groups); the bias's value is not needed."""
+    sizes = [list(x) for x in (n._saved_stride, n._saved_padding, n._saved_dilation)]
+    args = (n._saved_input, n._saved_weight, None, *sizes, n._saved_transposed,
+            list(n._saved_output_padding), n._saved_groups)
+    return args, (None,), {}
+
+
+def _batch_norm(n):
+    """native_batch_norm / cudnn_batch_norm: (input, weight, bias, running_mean, running_var,
+    training, momentum, eps) -> (out, mean, invstd). Running statistics are read only out of
+    training, where they are the ones used (in training the forward has moved them)."""
+    training = n._saved_training
+    eps = n._saved_eps if hasattr(n, "_saved_eps") else n._saved_epsilon
+    stats = (None, None) if training else (n._saved_running_mean, n._saved_running_var)
+    args = (n._saved_input, n._saved_weight, None, *stats, training, 0.0, eps)
+    return args, (None, n._saved_result1, n._saved_result2), {}
+
+
+def _dropout(args, targs, outs, meta, kwargs):
+    """x·mask·scale with the forward's mask: dx·mask·scale."""
+    mask, scale = args[1:]
+    return aten.native_dropout_backward(targs[0], mask, scale)
+
+
+def _divide(args, targs, outs, meta, kwargs):
+    """a / b: da / b − a·db / b² (a is saved where b requires grad, b always)."""
+    a, b = args
+    da, db = targs
+    return _sum([da / b if da is not None else None,
+                 -(a * db) / (b * b) if db is not None else None])
+
+
+def _max_pool(args, targs, outs, meta, kwargs):
+    """max_pool2d: the tangent at each window's maximum, read off the forward's indices (flat
+    in each input plane)."""
+    indices = outs[1]
+    return targs[0].flatten(-2).gather(-1, indices.flatten(-2)).view(indices.shape)
+
+
+def _reshape_to_output(args, targs, outs, meta, kwargs):
+    """Views, reshapes, squeezes, flattens: the tangent in the output's shape."""
+    return targs[0].reshape(meta[0][0])
+
+
+def _expand_to_output(args, targs, outs, meta, kwargs):
+    return targs[0].expand(meta[0][0])
+
+
+def _same(args, targs, outs, meta, kwargs):
+    """A clone: the tangent itself."""
+    return targs[0]
+
+
+def _adaptive_avg_pool(args, targs, outs, meta, kwargs):
+    return aten._adaptive_avg_pool2d(targs[0], meta[0][0][-2:])
+
+
+_SHAPE_ONLY = _Node(_reshape_to_output, (0,), _nothing_saved(1))
+
+NODES = {
+    "ConvolutionBackward0": _of(aten.convolution.default, (0, 1, 2), _convolution),
+    "NativeBatchNormBackward0": _of(aten.native_batch_norm.default, (0, 1, 2), _batch_norm),
+    "CudnnBatchNormBackward0": _of(aten.cudnn_batch_norm.default, (0, 1, 2), _batch_norm),
+    "ReluBackward0": _of(aten.relu.default, (0,), lambda n: ((None,), (n._saved_result,), {})),
+    "TanhBackward0": _of(aten.tanh.default, (0,), lambda n: ((None,), (n._saved_result,), {})),
+    "SigmoidBackward0": _of(aten.sigmoid.default, (0,),
+                            lambda n: ((None,), (n._saved_result,), {})),
+    "SiluBackward0": _of(aten.silu.default, (0,), lambda n: ((n._saved_self,), (None,), {})),
+    "GeluBackward0": _of(aten.gelu.default, (0,),
+                         lambda n: ((n._saved_self, n._saved_approximate), (None,), {})),
+    "AddBackward0": _of(aten.add.Tensor, (0, 1),
+                        lambda n: ((None, None), (None,), {"alpha": n._saved_alpha})),
+    "SubBackward0": _of(aten.sub.Tensor, (0, 1),
+                        lambda n: ((None, None), (None,), {"alpha": n._saved_alpha})),
+    "LeakyReluBackward0": _of(aten.leaky_relu.default, (0,), lambda n: (
+        (n._saved_self, n._saved_negative_slope), (None,), {})),
+    "LeakyReluBackward1": _of(aten.leaky_relu_.default, (0,), lambda n: (
+        (None, n._saved_negative_slope), (n._saved_result,), {})),
+    "HardtanhBackward0": _of(aten.hardtanh.default, (0,), lambda n: (   # the input's mask is
+        (None, n._saved_min_val, n._saved_max_val), (n._saved_self,), {})),  # the output's
+    "MaxPool2DWithIndicesBackward0": _Node(_max_pool, (0,), lambda n: (
+        (None,), (None, n._saved_result1), {})),
+    "MulBackward0": _of(aten.mul.Tensor, (0, 1),
+                        lambda n: ((n._saved_self, n._saved_other), (None,), {})),
+    "DivBackward0": _Node(_divide, (0, 1), lambda n: ((n._saved_self, n._saved_other),
+                                                     (None,), {})),
+    "NegBackward0": _of(aten.neg.default, (0,), _nothing_saved(1)),
+    "MmBackward0": _of(aten.mm.default, (0, 1),
+                       lambda n: ((n._saved_self, n._saved_mat2), (None,), {})),
+    "BmmBackward0": _of(aten.bmm.default, (0, 1),
+                        lambda n: ((n._saved_self, n._saved_mat2), (None,), {})),
+    "AddmmBackward0": _of(aten.addmm.default, (0, 1, 2), lambda n: (
+        (None, n._saved_mat1, n._saved_mat2), (None,),
+        {"beta": n._saved_beta, "alpha": n._saved_alpha})),
+    "TBackward0": _of(aten.t.default, (0,), _nothing_saved(1)),
+    "TransposeBackward0": _of(aten.transpose.int, (0,),
+                              lambda n: ((None, n._saved_dim0, n._saved_dim1), (None,), {})),
+    "PermuteBackward0": _of(aten.permute.default, (0,),
+                            lambda n: ((None, _dims(n._saved_dims)), (None,), {})),
+    "MeanBackward0": _of(aten.mean.default, (0,), _nothing_saved(1)),
+    "MeanBackward1": _of(aten.mean.dim, (0,),
+                         lambda n: ((None, _dims(n._saved_dim), n._saved_keepdim), (None,), {})),
+    "SumBackward0": _of(aten.sum.default, (0,), _nothing_saved(1)),
+    "SumBackward1": _of(aten.sum.dim_IntList, (0,),
+                        lambda n: ((None, _dims(n._saved_dim), n._saved_keepdim), (None,), {})),
+    "AvgPool2DBackward0": _of(aten.avg_pool2d.default, (0,), lambda n: (
+        (None, list(n._saved_kernel_size), list(n._saved_stride), list(n._saved_padding),
+         n._saved_ceil_mode,
+         n._saved_count_include_pad, n._saved_divisor_override), (None,), {})),
+    "AdaptiveAvgPool2DBackward0": _Node(_adaptive_avg_pool, (0,), _nothing_saved(1)),
+    "NativeDropoutBackward0": _Node(_dropout, (0,), lambda n: (
+        (None, n._saved_result1, n._saved_scale), (None,), {})),
+    "ViewBackward0": _SHAPE_ONLY,
+    "UnsafeViewBackward0": _SHAPE_ONLY,
+    "SqueezeBackward1": _SHAPE_ONLY,
+    "UnsqueezeBackward0": _SHAPE_ONLY,
+    "ExpandBackward0": _Node(_expand_to_output, (0,), _nothing_saved(1)),
+    "CloneBackward0": _Node(_same, (0,), _nothing_saved(1)),
+}
+
+_LEAF = "AccumulateGrad"
+
+
+def _nodes(output: Tensor):
+    """The graph's nodes in an order where each comes after the nodes it reads (depth-first,
+    iterative: graphs are deep), and how many inputs of other nodes each one feeds."""
+    order, uses, seen = [], {}, set()
+    stack = [(output.grad_fn, False)]
+    while stack:
+        node, done = stack.pop()
+        if done:
+            order.append(node)
+            continue
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.append((node, True))
+        for child, _ in node.next_functions:
+            if child is not None:
+                uses[child] = uses.get(child, 0) + 1
+                if child not in seen:
+                    stack.append((child, False))
+    return order, uses
+
+
+def readable(output: Tensor) -> bool:
+    """Whether `graph_jvp` covers every node of the graph that computed `output`."""
+    if output.grad_fn is None:
+        return True
+    return all(type(n).__name__ in NODES or type(n).__name__ == _LEAF
+               for n in _nodes(output)[0])
+
+
+def graph_jvp(output: Tensor, sources: Sequence[Tensor], tangents: Sequence[Tensor]) -> Tensor:
+    """J·tangents for `output`, a tensor computed with autograd from the `sources` (leaves that
+    require grad; a tangent per source, same shape and dtype), from its graph alone.
+
+    The graph must still hold its saved tensors (a backward through it since needs
+    retain_graph). Raises UnsupportedForward (module docstring)."""
+    if len(tangents) != len(sources):
+        raise ValueError(f"graph_jvp: {len(tangents)} tangents for {len(sources)} sources")
+    if output.grad_fn is None:
+        return torch.zeros_like(output)
+    source_of = {id(p): t for p, t in zip(sources, tangents)}
+    order, uses = _nodes(output)
+    tan: dict = {}
+    with torch.no_grad():
+        for node in order:
+            name = type(node).__name__
+            if name == _LEAF:
+                tan[node] = (source_of.get(id(node.variable)),)
+                continue
+            spec = NODES.get(name)
+            if spec is None:
+                raise UnsupportedForward(f"no tangent rule for the autograd node {name}")
+            inputs = [tan[child][k] if child is not None else None
+                      for child, k in node.next_functions]
+            for child, _ in node.next_functions:
+                if child is not None:
+                    uses[child] -= 1
+                    if uses[child] == 0:
+                        del tan[child]
+            meta = tuple((tuple(m.shape), m.dtype) for m in node._input_metadata)
+            if all(t is None for t in inputs):
+                tan[node] = (None,) * len(meta)
+                continue
+            try:
+                args, outs, kwargs = spec.read(node)
+            except RuntimeError as e:     # a saved tensor changed in place, or freed
+                raise UnsupportedForward(f"{name}: {e}") from e
+            targs = [None] * len(args)
+            for position, t in zip(spec.edges, inputs):
+                targs[position] = t
+            result = spec.rule(args, targs, outs, meta, kwargs)
+            result = tuple(result) if isinstance(result, (tuple, list)) else (result,)
+            tan[node] = tuple(_shaped(t, m) for t, m in zip(result, meta))
+    z = tan[output.grad_fn][output.output_nr]
+    return torch.zeros_like(output) if z is None else z
