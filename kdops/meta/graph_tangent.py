@@ -12,6 +12,8 @@ It covers the operators of convolutional and multilayer-perceptron students (`NO
 with any other node, or whose saved tensors were changed in place or freed (autograd's own
 checks), raises `UnsupportedForward`; `readable(output)` says beforehand whether every node is
 covered. Tensors that require grad but are not sources are held constant (zero tangent).
+Dropout is covered where it is a product with its mask (the CPU's); CUDA's fused dropout node
+does not save whether it was applied, so it is refused.
 """
 from __future__ import annotations
 
@@ -62,12 +64,6 @@ def _batch_norm(n):
     stats = (None, None) if training else (n._saved_running_mean, n._saved_running_var)
     args = (n._saved_input, n._saved_weight, None, *stats, training, 0.0, eps)
     return args, (None, n._saved_result1, n._saved_result2), {}
-
-
-def _dropout(args, targs, outs, meta, kwargs):
-    """x·mask·scale with the forward's mask: dx·mask·scale."""
-    mask, scale = args[1:]
-    return aten.native_dropout_backward(targs[0], mask, scale)
 
 
 def _divide(args, targs, outs, meta, kwargs):
@@ -156,8 +152,6 @@ NODES = {
          n._saved_ceil_mode,
          n._saved_count_include_pad, n._saved_divisor_override), (None,), {})),
     "AdaptiveAvgPool2DBackward0": _Node(_adaptive_avg_pool, (0,), _nothing_saved(1)),
-    "NativeDropoutBackward0": _Node(_dropout, (0,), lambda n: (
-        (None, n._saved_result1, n._saved_scale), (None,), {})),
     "ViewBackward0": _SHAPE_ONLY,
     "UnsafeViewBackward0": _SHAPE_ONLY,
     "SqueezeBackward1": _SHAPE_ONLY,
@@ -234,8 +228,8 @@ def graph_jvp(output: Tensor, sources: Sequence[Tensor], tangents: Sequence[Tens
                 continue
             try:
                 args, outs, kwargs = spec.read(node)
-            except RuntimeError as e:     # a saved tensor changed in place, or freed
-                raise UnsupportedForward(f"{name}: {e}") from e
+            except (RuntimeError, AttributeError) as e:   # a saved tensor changed in place
+                raise UnsupportedForward(f"{name}: {e}") from e   # or freed; another torch
             targs = [None] * len(args)
             for position, t in zip(spec.edges, inputs):
                 targs[position] = t
