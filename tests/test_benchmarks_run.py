@@ -1,4 +1,5 @@
 """The benchmark suites run (tiny cases, timing disabled) and their correctness checks pass."""
+import json
 import os
 import subprocess
 import sys
@@ -53,4 +54,26 @@ def test_gpu_kd_loss_benchmarks_run_interpreted():
 
 def test_student_jvp_benchmarks_run():
     out = run_suite("bench_student_jvp.py", KDOPS_BENCH_JVP_BATCH="4")
-    assert "4 passed" in out
+    assert "5 passed" in out
+
+
+def run_script(name, *args):
+    """The JSON that benchmarks/`name` writes when run with `args`; fails if the script does."""
+    out = ROOT / "build" / f"{name}.json"
+    out.parent.mkdir(exist_ok=True)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args, "--json",
+                           str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_floor_scripts_run():
+    meta = run_script("meta_step_floor.py", "digits_mlp", "--rounds", "2")
+    parts = ("teacher", "teacher_new", "student", "quiz")
+    assert set(meta["medians_ms"]) == {"plain", "kdops_jvp", "floor", *parts}
+    assert all(meta["medians_ms"][k] > 0 for k in parts)
+    pilot = run_script("pilot_autograd_floor.py", "--rounds", "2")
+    assert set(pilot["medians_us"]) == {"make_grads"} | {
+        f"{impl}/{how}" for impl in ("kdops", "loop", "nothing_python_function",
+                                     "nothing_cpp_node")
+        for how in ("forward_backward", "forward_backward_calling_thread")}
