@@ -3,12 +3,14 @@
 A forward with autograd leaves a graph whose nodes keep what their backward needs; for the
 operators below that is what their tangent needs too (a convolution's input and weight, a batch
 norm's input and batch statistics, a ReLU's output). `graph_jvp(output, sources, tangents)`
-walks the graph from the sources' AccumulateGrad nodes to `output` and runs, node by node, the
-tangent rules of `tangent_rules` on those saved values. The forward itself costs nothing extra:
+walks the graph from the sources' AccumulateGrad nodes to `output` and runs, node by node, a
+tangent rule on those saved values: the tape's (`tangent_rules`) where it has one for the
+operator, else one of those below. The forward itself costs nothing extra:
 where `TangentTape` observes every operator of the forward through a dispatch mode (tens of
 microseconds each, which bind a GPU's host), this reads about a hundred nodes once.
 
-It covers the operators of convolutional and multilayer-perceptron students (`NODES`). A graph
+It covers the operators of convolutional, multilayer-perceptron and (attention aside) sequence
+students: layer norm, softmax, embeddings, splits and concatenations (`NODES`). A graph
 with any other node, or whose saved tensors were changed in place or freed (autograd's own
 checks), raises `UnsupportedForward`; `readable(output)` says beforehand whether every node is
 covered. Tensors that require grad but are not sources are held constant (zero tangent).
@@ -28,7 +30,8 @@ from .tangent_rules import RULES, _sum, aten
 
 class _Node(NamedTuple):
     rule: Callable    # tangent_rules' (args, tangents, outs, meta, kwargs) -> output tangent(s)
-    edges: tuple      # per input of the node (next_functions), its argument position
+    edges: tuple      # per input of the node (next_functions), its argument position; None:
+                      # the tangents of the inputs are the rule's tangents, in order
     read: Callable    # node -> (args, outs, kwargs) in the operator's layout, from saved values
 
 
@@ -99,6 +102,76 @@ def _adaptive_avg_pool(args, targs, outs, meta, kwargs):
     return aten._adaptive_avg_pool2d(targs[0], meta[0][0][-2:])
 
 
+def _layer_norm(args, targs, outs, meta, kwargs):
+    """y = γ ⊙ x̂ + β, x̂ = (x − μ)·r over the normalized dims: dy = γ ⊙ N(dx) + dγ ⊙ x̂ + dβ,
+    where N, the normalization's Jacobian r·(I − 11ᵀ/M − x̂x̂ᵀ/M), is symmetric: the layer
+    norm's backward without weight. γ varies along the normalized dims, so it multiplies
+    afterwards (a batch norm's γ is constant where it normalizes, and commutes)."""
+    x, shape, weight, mean, rstd = args
+    dx, dw, db = targs[0], targs[2], targs[3]
+    terms = []
+    if dx is not None:
+        n = aten.native_layer_norm_backward(dx, x, shape, mean, rstd, None, None,
+                                            [True, False, False])[0]
+        terms.append(n if weight is None else n * weight)
+    if dw is not None:
+        terms.append((x - mean) * rstd * dw)
+    terms.append(db)
+    return (_sum(terms),) + (None,) * (len(meta) - 1)
+
+
+def _softmax(args, targs, outs, meta, kwargs):
+    """y = softmax(x): dy = y ⊙ (dx − ⟨y, dx⟩), the softmax's backward (its Jacobian is
+    symmetric)."""
+    y = outs[0]
+    return aten._softmax_backward_data(targs[0], y, args[1], y.dtype)
+
+
+def _log_softmax(args, targs, outs, meta, kwargs):
+    """y = log softmax(x): dy = dx − ⟨softmax(x), dx⟩."""
+    dim = args[1]
+    return targs[0] - (outs[0].exp() * targs[0]).sum(dim, keepdim=True)
+
+
+def _concatenation(args, targs, outs, meta, kwargs):
+    """cat(xs, dim): the tangents concatenated, zeros for inputs without one. An input that
+    autograd does not track has no size in the graph; one such input's is what the output
+    leaves, more cannot be placed."""
+    dim, sizes = args
+    if sum(size is None for size, t in zip(sizes, targs) if t is None) > 1:
+        raise UnsupportedForward("a concatenation of several tensors that autograd does not "
+                                 "track: their sizes are not in the graph")
+    shape = list(meta[0][0])
+    known = sum(size for size in sizes if size is not None)
+    like = next(t for t in targs if t is not None)
+    parts = []
+    for size, t in zip(sizes, targs):
+        if t is None:
+            shape[dim] = size if size is not None else meta[0][0][dim] - known
+            t = like.new_zeros(shape)
+        parts.append(t)
+    return torch.cat(parts, dim)
+
+
+def _concatenated(n):
+    """cat: (dim, per input its size along dim where autograd tracks it)."""
+    dim = _dims([n._saved_dim])[0]
+    sizes = [child._input_metadata[k].shape[dim] if child is not None else None
+             for child, k in n.next_functions]
+    return (dim, sizes), (None,), {}
+
+
+def _split(args, targs, outs, meta, kwargs):
+    """split / split_with_sizes / unbind: the tangent cut the same way."""
+    cut, how, dim = args
+    return getattr(targs[0], how)(*cut, dim) if cut else targs[0].unbind(dim)
+
+
+def _embedding(args, targs, outs, meta, kwargs):
+    """weight[indices]: dweight[indices]."""
+    return aten.embedding(targs[0], args[1])
+
+
 _SHAPE_ONLY = _Node(_reshape_to_output, (0,), _nothing_saved(1))
 
 NODES = {
@@ -137,8 +210,8 @@ NODES = {
         (None, n._saved_mat1, n._saved_mat2), (None,),
         {"beta": n._saved_beta, "alpha": n._saved_alpha})),
     "TBackward0": _of(aten.t.default, (0,), _nothing_saved(1)),
-    "TransposeBackward0": _of(aten.transpose.int, (0,),
-                              lambda n: ((None, n._saved_dim0, n._saved_dim1), (None,), {})),
+    "TransposeBackward0": _of(aten.transpose.int, (0,), lambda n: (
+        (None, *_dims([n._saved_dim0, n._saved_dim1])), (None,), {})),
     "PermuteBackward0": _of(aten.permute.default, (0,),
                             lambda n: ((None, _dims(n._saved_dims)), (None,), {})),
     "MeanBackward0": _of(aten.mean.default, (0,), _nothing_saved(1)),
@@ -158,6 +231,22 @@ NODES = {
     "UnsqueezeBackward0": _SHAPE_ONLY,
     "ExpandBackward0": _Node(_expand_to_output, (0,), _nothing_saved(1)),
     "CloneBackward0": _Node(_same, (0,), _nothing_saved(1)),
+    "NativeLayerNormBackward0": _Node(_layer_norm, (0, 2, 3), lambda n: (
+        (n._saved_input, list(n._saved_normalized_shape), n._saved_weight, n._saved_result1,
+         n._saved_result2), (None,), {})),
+    "SoftmaxBackward0": _Node(_softmax, (0,), lambda n: (
+        (None, _dims([n._saved_dim])[0]), (n._saved_result,), {})),
+    "LogSoftmaxBackward0": _Node(_log_softmax, (0,), lambda n: (
+        (None, _dims([n._saved_dim])[0]), (n._saved_result,), {})),
+    "CatBackward0": _Node(_concatenation, None, _concatenated),
+    "SplitBackward0": _Node(_split, (0,), lambda n: (
+        ((n._saved_split_size,), "split", _dims([n._saved_dim])[0]), (None,), {})),
+    "SplitWithSizesBackward0": _Node(_split, (0,), lambda n: (
+        ((list(n._saved_split_sizes),), "split", _dims([n._saved_dim])[0]), (None,), {})),
+    "UnbindBackward0": _Node(_split, (0,), lambda n: (
+        ((), "unbind", _dims([n._saved_dim])[0]), (None,), {})),
+    "EmbeddingBackward0": _Node(_embedding, (0,), lambda n: (
+        (None, n._saved_indices), (None,), {})),
 }
 
 _LEAF = "AccumulateGrad"
@@ -226,14 +315,20 @@ def graph_jvp(output: Tensor, sources: Sequence[Tensor], tangents: Sequence[Tens
             if all(t is None for t in inputs):
                 tan[node] = (None,) * len(meta)
                 continue
-            try:
+            try:       # a saved tensor changed in place or freed; another torch's names
                 args, outs, kwargs = spec.read(node)
-            except (RuntimeError, AttributeError) as e:   # a saved tensor changed in place
-                raise UnsupportedForward(f"{name}: {e}") from e   # or freed; another torch
-            targs = [None] * len(args)
-            for position, t in zip(spec.edges, inputs):
-                targs[position] = t
-            result = spec.rule(args, targs, outs, meta, kwargs)
+            except (RuntimeError, AttributeError) as e:
+                raise UnsupportedForward(f"{name}: {e}") from e
+            if spec.edges is None:                        # one argument per input
+                targs = inputs
+            else:
+                targs = [None] * len(args)
+                for position, t in zip(spec.edges, inputs):
+                    targs[position] = t
+            try:
+                result = spec.rule(args, targs, outs, meta, kwargs)
+            except (RuntimeError, NotImplementedError) as e:
+                raise UnsupportedForward(f"the tangent of {name}: {e}") from e
             result = tuple(result) if isinstance(result, (tuple, list)) else (result,)
             tan[node] = tuple(_shaped(t, m) for t, m in zip(result, meta))
     z = tan[output.grad_fn][output.output_nr]
