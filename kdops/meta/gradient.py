@@ -20,8 +20,9 @@ from .train_mode import PhaseTimer, _ReplayRng, _untimed, frozen_batch_norm_stat
 
 MODES = ("jvp", "autograd", "finite_difference")
 
-# Students whose last recorded forward `graph_jvp` could have replayed from its autograd graph:
-# their next forwards run unrecorded (the record costs tens of microseconds per operator).
+# Per student, whether `graph_jvp` reads its forwards: learnt from its first recorded forward
+# that replays, and False for good once a graph it was to read is refused. While True, its
+# forwards run unrecorded (the record costs tens of microseconds per operator).
 _GRAPH_READABLE = weakref.WeakKeyDictionary()
 
 
@@ -47,9 +48,10 @@ def meta_gradient(student: nn.Module, teacher_logits: Tensor, inputs, labels: Te
             as `kdops.pilot_sgd_step` (momentum_buffers: the student optimizer's, or None).
         mode: "jvp", "autograd" or "finite_difference" (module docstring).
         recompute_student: graph-free modes only. False: the pilot's forward of the student
-            is kept (its graph for "student_logits" and the JVP) through the quiz. True: it is freed after the pilot's backward and run again after the quiz,
-            with the same dropout masks and batch statistics: the peak holds one student
-            graph instead of two (the pilot's beside the quiz's), for one more forward.
+            is kept (its graph for "student_logits" and the JVP) through the quiz. True: it
+            is freed after the pilot's backward and run again after the quiz, with the same
+            dropout masks and batch statistics: the peak holds one student graph instead of
+            two (the pilot's beside the quiz's), for one more forward.
         timer: a `PhaseTimer` to accumulate the time of each phase in, or None.
         kd_kwargs: `fused_kd_loss` arguments (temperature, alpha, divergence, ...).
 
@@ -124,7 +126,7 @@ def _forward(student, inputs, theta, jvp_after):
     with `theta` as its sources or None). With `jvp_after`, the JVP along θ follows: the
     forward is recorded unless the student's last recorded graph was readable (`graph_jvp`
     then reads this one)."""
-    record = jvp_after and not _GRAPH_READABLE.get(student, False)
+    record = jvp_after and not _GRAPH_READABLE.get(student)
     tape = TangentTape(theta) if record else None
     with tape or contextlib.nullcontext():
         return student(inputs), tape
@@ -135,18 +137,17 @@ def _student_jvp(student, names, theta, u, inputs, rng, mode, fd_eps, tape, s):
     by central differences, with the pilot forward's dropout masks and batch statistics.
 
     In "jvp" mode the tangents of the pilot forward: read off its autograd graph
-    (`graph_jvp`) where the student's graphs have been readable, else replayed from its
-    record (`TangentTape`), which also learns whether the graph was readable. Where neither
-    serves, torch.func.jvp of a second forward."""
+    (`graph_jvp`) where the student's graphs are readable, else replayed from its record
+    (`TangentTape`), the first of which tells whether they are. Where neither serves,
+    torch.func.jvp of a second forward."""
     if mode == "jvp":
-        try:
-            if tape is None:
-                return graph_jvp(s, theta, u)
-            z = tape.jvp(s, u)
+        if tape is not None and student not in _GRAPH_READABLE:
             _GRAPH_READABLE[student] = readable(s)
-            return z
+        try:
+            return graph_jvp(s, theta, u) if tape is None else tape.jvp(s, u)
         except UnsupportedForward as e:
-            _GRAPH_READABLE[student] = False
+            if tape is None:
+                _GRAPH_READABLE[student] = False
             warnings.warn(f"kdops.meta: the student's JVP runs a second forward with "
                           f"torch.func.jvp, since its pilot forward cannot be replayed: {e}",
                           stacklevel=4)
