@@ -162,9 +162,10 @@ def _concatenated(n):
 
 
 def _split(args, targs, outs, meta, kwargs):
-    """split / split_with_sizes / unbind: the tangent cut the same way."""
-    cut, how, dim = args
-    return getattr(targs[0], how)(*cut, dim) if cut else targs[0].unbind(dim)
+    """split / split_with_sizes (a size or sizes) / unbind (None): the tangent cut the same
+    way."""
+    cut, dim = args
+    return targs[0].unbind(dim) if cut is None else targs[0].split(cut, dim)
 
 
 def _embedding(args, targs, outs, meta, kwargs):
@@ -193,8 +194,9 @@ NODES = {
         (n._saved_self, n._saved_negative_slope), (None,), {})),
     "LeakyReluBackward1": _of(aten.leaky_relu_.default, (0,), lambda n: (
         (None, n._saved_negative_slope), (n._saved_result,), {})),
-    "HardtanhBackward0": _of(aten.hardtanh.default, (0,), lambda n: (   # the input's mask is
-        (None, n._saved_min_val, n._saved_max_val), (n._saved_self,), {})),  # the output's
+    # The rule reads lo < y < hi off the output; the input gives the same mask.
+    "HardtanhBackward0": _of(aten.hardtanh.default, (0,), lambda n: (
+        (None, n._saved_min_val, n._saved_max_val), (n._saved_self,), {})),
     "MaxPool2DWithIndicesBackward0": _Node(_max_pool, (0,), lambda n: (
         (None,), (None, n._saved_result1), {})),
     "MulBackward0": _of(aten.mul.Tensor, (0, 1),
@@ -240,11 +242,11 @@ NODES = {
         (None, _dims([n._saved_dim])[0]), (n._saved_result,), {})),
     "CatBackward0": _Node(_concatenation, None, _concatenated),
     "SplitBackward0": _Node(_split, (0,), lambda n: (
-        ((n._saved_split_size,), "split", _dims([n._saved_dim])[0]), (None,), {})),
+        (n._saved_split_size, _dims([n._saved_dim])[0]), (None,), {})),
     "SplitWithSizesBackward0": _Node(_split, (0,), lambda n: (
-        ((list(n._saved_split_sizes),), "split", _dims([n._saved_dim])[0]), (None,), {})),
-    "UnbindBackward0": _Node(_split, (0,), lambda n: (
-        ((), "unbind", _dims([n._saved_dim])[0]), (None,), {})),
+        (list(n._saved_split_sizes), _dims([n._saved_dim])[0]), (None,), {})),
+    "UnbindBackward0": _Node(_split, (0,), lambda n: ((None, _dims([n._saved_dim])[0]),
+                                                      (None,), {})),
     "EmbeddingBackward0": _Node(_embedding, (0,), lambda n: (
         (None, n._saved_indices), (None,), {})),
 }
