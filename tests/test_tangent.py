@@ -239,7 +239,7 @@ def test_tape_jvp_matches_a_second_forward(name, sources, device):
 def test_graph_jvp_matches_a_second_forward(name, sources, device):
     net, x, params, tangents = _net_and_sources(name, sources, _device(device))
     if name in ("pointwise", "mixer") and x.is_cuda:
-        net.drop.p = 0.0                 # CUDA's fused dropout is refused (the next test)
+        net.drop.p = 0.0       # CUDA's fused dropout is refused: see the refusal test below
     got, want = _recorded_and_reference(net, x, params, tangents, jvp_of=_graph_jvp)
     assert want.abs().max() > 0.1
     torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-12)
