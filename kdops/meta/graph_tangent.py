@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .tangent import UnsupportedForward, _shaped
-from .tangent_rules import RULES, _sum, aten
+from .tangent_rules import RULES, _identity, _sum, aten
 
 
 class _Node(NamedTuple):
@@ -82,24 +82,6 @@ def _max_pool(args, targs, outs, meta, kwargs):
     in each input plane)."""
     indices = outs[1]
     return targs[0].flatten(-2).gather(-1, indices.flatten(-2)).view(indices.shape)
-
-
-def _reshape_to_output(args, targs, outs, meta, kwargs):
-    """Views, reshapes, squeezes, flattens: the tangent in the output's shape."""
-    return targs[0].reshape(meta[0][0])
-
-
-def _expand_to_output(args, targs, outs, meta, kwargs):
-    return targs[0].expand(meta[0][0])
-
-
-def _same(args, targs, outs, meta, kwargs):
-    """A clone: the tangent itself."""
-    return targs[0]
-
-
-def _adaptive_avg_pool(args, targs, outs, meta, kwargs):
-    return aten._adaptive_avg_pool2d(targs[0], meta[0][0][-2:])
 
 
 def _layer_norm(args, targs, outs, meta, kwargs):
@@ -173,7 +155,13 @@ def _embedding(args, targs, outs, meta, kwargs):
     return aten.embedding(targs[0], args[1])
 
 
-_SHAPE_ONLY = _Node(_reshape_to_output, (0,), _nothing_saved(1))
+def _output_shape(n):
+    """(None, the node's output shape): the arguments of a view, reshape or expand."""
+    return (None, list(n._input_metadata[0].shape)), (None,), {}
+
+
+# Views, reshapes, squeezes, flattens: the tangent in the output's shape.
+_SHAPE_ONLY = _of(aten.view.default, (0,), _output_shape)
 
 NODES = {
     "ConvolutionBackward0": _of(aten.convolution.default, (0, 1, 2), _convolution),
@@ -226,13 +214,14 @@ NODES = {
         (None, list(n._saved_kernel_size), list(n._saved_stride), list(n._saved_padding),
          n._saved_ceil_mode,
          n._saved_count_include_pad, n._saved_divisor_override), (None,), {})),
-    "AdaptiveAvgPool2DBackward0": _Node(_adaptive_avg_pool, (0,), _nothing_saved(1)),
+    "AdaptiveAvgPool2DBackward0": _of(aten._adaptive_avg_pool2d.default, (0,), lambda n: (
+        (None, list(n._input_metadata[0].shape)[-2:]), (None,), {})),
     "ViewBackward0": _SHAPE_ONLY,
     "UnsafeViewBackward0": _SHAPE_ONLY,
     "SqueezeBackward1": _SHAPE_ONLY,
     "UnsqueezeBackward0": _SHAPE_ONLY,
-    "ExpandBackward0": _Node(_expand_to_output, (0,), _nothing_saved(1)),
-    "CloneBackward0": _Node(_same, (0,), _nothing_saved(1)),
+    "ExpandBackward0": _of(aten.expand.default, (0,), _output_shape),
+    "CloneBackward0": _Node(_identity, (0,), _nothing_saved(1)),     # a clone: dx
     "NativeLayerNormBackward0": _Node(_layer_norm, (0, 2, 3), lambda n: (
         (n._saved_input, list(n._saved_normalized_shape), n._saved_weight, n._saved_result1,
          n._saved_result2), (None,), {})),
