@@ -14,7 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kdops import meta
 from kdops.meta import gradient
-from kdops.meta.graph_tangent import _nodes, graph_jvp, readable
+from kdops.meta.graph_tangent import ELEMENTWISE, _nodes, graph_jvp, readable
 from kdops.meta.tangent import TangentTape, UnsupportedForward
 
 DEVICES = ["cpu", "cuda"]
@@ -144,6 +144,34 @@ class Tokens(nn.Module):
         return self.out(first + sum(rest))
 
 
+class Elementwise(nn.Module):
+    """Every elementwise node the graph reader covers (graph_tangent.ELEMENTWISE): activations,
+    in place where that has a node of its own, pointwise math on positive values where it
+    needs them, dropout by its fused kernel (torch.native_dropout, as CUDA's F.dropout runs),
+    and casts to float32 and back as autocast inserts them."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(6, 8)
+        self.out = nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = self.embed(x) * 2
+        p = F.softplus(h, beta=2.0, threshold=1.0) + 0.5
+        acts = [
+            F.relu(h), F.threshold(h, 0.1, 2.0), F.threshold(h * 1, 0.1, 2.0, inplace=True),
+            F.hardtanh(h * 1, -0.5, 0.5, inplace=True), F.leaky_relu(h, -0.3),
+            F.leaky_relu(h * 1, 0.1, inplace=True), F.rrelu(h, training=True), F.elu(h),
+            F.selu(h * 1, inplace=True), F.celu(h, 0.7), F.celu(h * 1, 1.3, inplace=True),
+            torch.tanh(h), torch.sigmoid(h), F.logsigmoid(h), F.silu(h),
+            F.gelu(h, approximate="tanh"), F.mish(h), F.hardswish(h), F.hardsigmoid(h),
+            F.hardshrink(h, 0.3), F.softshrink(h, 0.3), torch.native_dropout(h, 0.3, True)[0],
+            -h, 1 - h, h.abs(), h.clamp(-0.4, 0.6), h ** 3, p.pow(2.5), h.exp(), h.expm1(),
+            p.log(), p.log1p(), p.sqrt(), p.rsqrt(), p.reciprocal(), h.sin(), h.cos(), h.erf(),
+            h.float().sigmoid().double()]
+        return self.out(sum(acts).mean(1))
+
+
 def pooled():
     return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, stride=2), nn.BatchNorm2d(4), nn.ReLU(),
                          nn.AvgPool2d(3, stride=1, padding=1), nn.AdaptiveAvgPool2d(2),
@@ -158,6 +186,7 @@ NETS = {
     "mixer": (Mixer, (4, 7, 6)),
     "eval_batch_norm": (eval_batch_norm, (4, 3, 6, 6)),
     "clamped": (clamped, (4, 3, 6, 6)),
+    "elementwise": (Elementwise, (4, 7, 6)),
     "attention": (Attention, (4, 7, 6)),
     "attention_dropout": (lambda: Attention(dropout=0.3), (4, 7, 6)),
 }
@@ -170,10 +199,9 @@ def _device(name):
 
 
 # The nets whose every autograd node the graph reader covers (the others have a fused
-# attention kernel; on CUDA the dropout of the pointwise net and the mixer is the fused
-# kernel's, which the reader refuses).
+# attention kernel).
 GRAPH_READABLE = {"residual", "pointwise", "pooled", "eval_batch_norm", "clamped", "mixer",
-                  "tokens"}
+                  "tokens", "elementwise"}
 
 
 def _tape_jvp(net, x, sources, tangents):
@@ -224,8 +252,10 @@ def _net_and_sources(name, sources, device):
     return net, x, params, [torch.randn_like(p) for p in params]
 
 
+# The tape refuses the elementwise net's in-place operators that it has no rule for and its
+# random ones other than dropout (see test_tape_refuses_what_it_cannot_replay).
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", list(NETS))
+@pytest.mark.parametrize("name", sorted(set(NETS) - {"elementwise"}))
 @pytest.mark.parametrize("sources", ["all", "weights", "vectors"])
 def test_tape_jvp_matches_a_second_forward(name, sources, device):
     got, want = _recorded_and_reference(*_net_and_sources(name, sources, _device(device)))
@@ -238,11 +268,45 @@ def test_tape_jvp_matches_a_second_forward(name, sources, device):
 @pytest.mark.parametrize("sources", ["all", "weights", "vectors"])
 def test_graph_jvp_matches_a_second_forward(name, sources, device):
     net, x, params, tangents = _net_and_sources(name, sources, _device(device))
-    if name in ("pointwise", "mixer") and x.is_cuda:
-        net.drop.p = 0.0       # CUDA's fused dropout is refused: see the refusal test below
     got, want = _recorded_and_reference(net, x, params, tangents, jvp_of=_graph_jvp)
     assert want.abs().max() > 0.1
     torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-12)
+
+
+def test_the_elementwise_net_has_every_elementwise_node():
+    """So that the test above checks each node class the reader calls for its tangent."""
+    net, x, _, _ = _net_and_sources("elementwise", "all", torch.device("cpu"))
+    names = {type(n).__name__ for n in _nodes(net(x))[0]}
+    assert set(ELEMENTWISE) | {"ToCopyBackward0"} <= names
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["residual", "pointwise", "pooled", "tokens", "mixer",
+                                  "clamped"])
+def test_graph_jvp_under_autocast_agrees_with_the_tape(name, device):
+    """Under autocast the graph holds its casts (ToCopyBackward0) and 16-bit saved values, and
+    a layer norm normalizes a bfloat16 input in float32. torch.func.jvp does not run under
+    autocast; the tape's JVP, which replays each operator with its own rule or forward-mode
+    autograd, is the reference: equal to bfloat16 rounding (bitwise where both run the same
+    rules; else to bfloat16's epsilon in norm: an output near zero can be the difference of
+    larger, rounded terms)."""
+    device = _device(device)
+    build, shape = NETS[name]
+    torch.manual_seed(0)
+    net = build().to(device)
+    x = torch.randn(shape, device=device)
+    params = list(net.parameters())
+    tangents = [torch.randn_like(p) for p in params]
+
+    def under_autocast(jvp_of):
+        torch.manual_seed(1)                   # the same dropout masks
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return jvp_of(net, x, params, tangents)
+
+    got, want = under_autocast(_graph_jvp), under_autocast(_tape_jvp)
+    assert got.dtype == torch.bfloat16 and want.abs().max() > 0.1
+    eps = torch.finfo(torch.bfloat16).eps
+    assert (got.float() - want.float()).norm() <= eps * want.float().norm()
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -263,7 +327,7 @@ def test_graph_jvp_through_cudnn_batch_norm(training, monkeypatch):
 REFUSED_GRAPHS = [(name, "cpu") for name in sorted(set(NETS) - GRAPH_READABLE)]
 
 
-@pytest.mark.parametrize("name,device", REFUSED_GRAPHS + [("pointwise", "cuda")])
+@pytest.mark.parametrize("name,device", REFUSED_GRAPHS)
 def test_graph_jvp_refuses_nodes_it_has_no_rule_for(name, device):
     net, x, params, tangents = _net_and_sources(name, "all", _device(device))
     out = net(x)
@@ -509,6 +573,13 @@ def test_jvp_mode_falls_back_to_a_second_forward_with_a_warning():
         torch.testing.assert_close(again, w, rtol=1e-10, atol=1e-13)
 
 
+class Cumulative(nn.Module):
+    """A cumulative sum: an operator the graph reader has no rule for."""
+
+    def forward(self, x):
+        return x.cumsum(-1)
+
+
 @pytest.mark.parametrize("readable_graph", [True, False])
 def test_jvp_mode_reads_the_graph_once_a_record_showed_it_readable(readable_graph, monkeypatch):
     """The first "jvp" pilot forward is recorded; where its autograd graph is readable, the
@@ -522,7 +593,7 @@ def test_jvp_mode_reads_the_graph_once_a_record_showed_it_readable(readable_grap
 
     monkeypatch.setattr(gradient, "TangentTape", CountingTape)
     torch.manual_seed(0)
-    middle = nn.Dropout(0.2) if readable_graph else nn.Softplus()
+    middle = nn.Dropout(0.2) if readable_graph else Cumulative()
     student = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), middle, nn.Linear(8, 4)).double()
     teacher = nn.Linear(3, 4).double()
     want = _meta_grads(student, teacher, "autograd")
@@ -535,11 +606,11 @@ def test_jvp_mode_reads_the_graph_once_a_record_showed_it_readable(readable_grap
 
 def test_jvp_mode_falls_back_when_a_graph_it_expected_readable_is_not():
     torch.manual_seed(0)
-    student = nn.Sequential(nn.Linear(3, 8), nn.Softplus(), nn.Linear(8, 4)).double()
+    student = nn.Sequential(nn.Linear(3, 8), Cumulative(), nn.Linear(8, 4)).double()
     teacher = nn.Linear(3, 4).double()
     gradient._GRAPH_READABLE[student] = True           # as if an earlier graph had been
     with pytest.warns(UserWarning, match="no tangent rule for the autograd node "
-                                         "SoftplusBackward0"):
+                                         "CumsumBackward0"):
         got = _meta_grads(student, teacher, "jvp")
     assert not gradient._GRAPH_READABLE[student]       # the next pilot is recorded again
     for g, w in zip(got, _meta_grads(student, teacher, "autograd")):

@@ -10,12 +10,11 @@ where `TangentTape` observes every operator of the forward through a dispatch mo
 microseconds each, which bind a GPU's host), this reads about a hundred nodes once.
 
 It covers the operators of convolutional, multilayer-perceptron and (attention aside) sequence
-students: layer norm, softmax, embeddings, splits and concatenations (`NODES`). A graph
-with any other node, or whose saved tensors were changed in place or freed (autograd's own
-checks), raises `UnsupportedForward`; `readable(output)` says beforehand whether every node is
-covered. Tensors that require grad but are not sources are held constant (zero tangent).
-Dropout is covered where it is a product with its mask (the CPU's); CUDA's fused dropout node
-does not save whether it was applied, so it is refused.
+students: layer norm, softmax, embeddings, splits and concatenations, dtype casts (autocast's),
+dropout and the usual activations (`NODES`). A graph with any other node, or whose saved tensors
+were changed in place or freed (autograd's own checks), raises `UnsupportedForward`;
+`readable(output)` says beforehand whether every node is covered. Tensors that require grad but
+are not sources are held constant (zero tangent).
 """
 from __future__ import annotations
 
@@ -77,6 +76,13 @@ def _divide(args, targs, outs, meta, kwargs):
                  -(a * db) / (b * b) if db is not None else None])
 
 
+def _elementwise(args, targs, outs, meta, kwargs):
+    """y = f(x) elementwise: the Jacobian is diagonal, so symmetric, and the tangent is the
+    backward applied to dx, that is the node itself (args[0]) called on dx. It reads what the
+    node keeps to itself, such as whether CUDA's fused dropout applied."""
+    return args[0](targs[0])
+
+
 def _max_pool(args, targs, outs, meta, kwargs):
     """max_pool2d: the tangent at each window's maximum, read off the forward's indices (flat
     in each input plane)."""
@@ -93,8 +99,9 @@ def _layer_norm(args, targs, outs, meta, kwargs):
     dx, dw, db = targs[0], targs[2], targs[3]
     terms = []
     if dx is not None:
-        n = aten.native_layer_norm_backward(dx, x, shape, mean, rstd, None, None,
-                                            [True, False, False])[0]
+        # A 16-bit input normalized in float32 (autocast's CPU layer norm): in float32 too.
+        n = aten.native_layer_norm_backward(dx.to(mean.dtype), x.to(mean.dtype), shape, mean,
+                                            rstd, None, None, [True, False, False])[0]
         terms.append(n if weight is None else n * weight)
     if dw is not None:
         terms.append((x - mean) * rstd * dw)
@@ -167,31 +174,16 @@ NODES = {
     "ConvolutionBackward0": _of(aten.convolution.default, (0, 1, 2), _convolution),
     "NativeBatchNormBackward0": _of(aten.native_batch_norm.default, (0, 1, 2), _batch_norm),
     "CudnnBatchNormBackward0": _of(aten.cudnn_batch_norm.default, (0, 1, 2), _batch_norm),
-    "ReluBackward0": _of(aten.relu.default, (0,), lambda n: ((None,), (n._saved_result,), {})),
-    "TanhBackward0": _of(aten.tanh.default, (0,), lambda n: ((None,), (n._saved_result,), {})),
-    "SigmoidBackward0": _of(aten.sigmoid.default, (0,),
-                            lambda n: ((None,), (n._saved_result,), {})),
-    "SiluBackward0": _of(aten.silu.default, (0,), lambda n: ((n._saved_self,), (None,), {})),
-    "GeluBackward0": _of(aten.gelu.default, (0,),
-                         lambda n: ((n._saved_self, n._saved_approximate), (None,), {})),
     "AddBackward0": _of(aten.add.Tensor, (0, 1),
                         lambda n: ((None, None), (None,), {"alpha": n._saved_alpha})),
     "SubBackward0": _of(aten.sub.Tensor, (0, 1),
                         lambda n: ((None, None), (None,), {"alpha": n._saved_alpha})),
-    "LeakyReluBackward0": _of(aten.leaky_relu.default, (0,), lambda n: (
-        (n._saved_self, n._saved_negative_slope), (None,), {})),
-    "LeakyReluBackward1": _of(aten.leaky_relu_.default, (0,), lambda n: (
-        (None, n._saved_negative_slope), (n._saved_result,), {})),
-    # The rule reads lo < y < hi off the output; the input gives the same mask.
-    "HardtanhBackward0": _of(aten.hardtanh.default, (0,), lambda n: (
-        (None, n._saved_min_val, n._saved_max_val), (n._saved_self,), {})),
     "MaxPool2DWithIndicesBackward0": _Node(_max_pool, (0,), lambda n: (
         (None,), (None, n._saved_result1), {})),
     "MulBackward0": _of(aten.mul.Tensor, (0, 1),
                         lambda n: ((n._saved_self, n._saved_other), (None,), {})),
     "DivBackward0": _Node(_divide, (0, 1), lambda n: ((n._saved_self, n._saved_other),
                                                      (None,), {})),
-    "NegBackward0": _of(aten.neg.default, (0,), _nothing_saved(1)),
     "MmBackward0": _of(aten.mm.default, (0, 1),
                        lambda n: ((n._saved_self, n._saved_mat2), (None,), {})),
     "BmmBackward0": _of(aten.bmm.default, (0, 1),
@@ -221,6 +213,9 @@ NODES = {
     "SqueezeBackward1": _SHAPE_ONLY,
     "UnsqueezeBackward0": _SHAPE_ONLY,
     "ExpandBackward0": _of(aten.expand.default, (0,), _output_shape),
+    "ToCopyBackward0": _of(aten._to_copy.default, (0,), lambda n: (
+        (None,), (None,), {"dtype": n._input_metadata[0].dtype,
+                           "device": n._input_metadata[0].device})),
     "CloneBackward0": _Node(_identity, (0,), _nothing_saved(1)),     # a clone: dx
     "NativeLayerNormBackward0": _Node(_layer_norm, (0, 2, 3), lambda n: (
         (n._saved_input, list(n._saved_normalized_shape), n._saved_weight, n._saved_result1,
@@ -239,6 +234,19 @@ NODES = {
     "EmbeddingBackward0": _Node(_embedding, (0,), lambda n: (
         (None, n._saved_indices), (None,), {})),
 }
+
+# Elementwise functions of one tensor, in place or not: activations, dropout, pointwise math.
+ELEMENTWISE = (
+    "ReluBackward0", "ThresholdBackward0", "ThresholdBackward1", "HardtanhBackward0",
+    "LeakyReluBackward0", "LeakyReluBackward1", "RreluWithNoiseBackward0", "EluBackward0",
+    "EluBackward1", "CeluBackward0", "CeluBackward1", "SoftplusBackward0", "TanhBackward0",
+    "SigmoidBackward0", "LogSigmoidBackward0", "SiluBackward0", "GeluBackward0", "MishBackward0",
+    "HardswishBackward0", "HardsigmoidBackward0", "HardshrinkBackward0", "SoftshrinkBackward0",
+    "NativeDropoutBackward0", "NegBackward0", "RsubBackward1", "AbsBackward0", "ClampBackward1",
+    "PowBackward0", "ExpBackward0", "Expm1Backward0", "LogBackward0", "Log1PBackward0",
+    "SqrtBackward0", "RsqrtBackward0", "ReciprocalBackward0", "SinBackward0", "CosBackward0",
+    "ErfBackward0")
+NODES.update(dict.fromkeys(ELEMENTWISE, _Node(_elementwise, (0,), lambda n: ((n,), (None,), {}))))
 
 _LEAF = "AccumulateGrad"
 
