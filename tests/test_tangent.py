@@ -287,9 +287,9 @@ def test_graph_jvp_under_autocast_agrees_with_the_tape(name, device):
     """Under autocast the graph holds its casts (ToCopyBackward0) and 16-bit saved values, and
     a layer norm normalizes a bfloat16 input in float32. torch.func.jvp does not run under
     autocast; the tape's JVP, which replays each operator with its own rule or forward-mode
-    autograd, is the reference: equal to bfloat16 rounding (bitwise where both run the same
-    rules; else to bfloat16's epsilon in norm: an output near zero can be the difference of
-    larger, rounded terms)."""
+    autograd, is the reference. They agree to bfloat16's epsilon in norm, not elementwise: an
+    output near zero can be the difference of larger, rounded terms (where both run the same
+    rules they are bitwise equal)."""
     device = _device(device)
     build, shape = NETS[name]
     torch.manual_seed(0)
