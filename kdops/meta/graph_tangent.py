@@ -10,8 +10,8 @@ where `TangentTape` observes every operator of the forward through a dispatch mo
 microseconds each, which bind a GPU's host), this reads about a hundred nodes once.
 
 It covers the operators of convolutional, multilayer-perceptron and (attention aside) sequence
-students: layer norm, softmax, embeddings, splits and concatenations, dtype casts (autocast's),
-dropout and the usual activations (`NODES`). A graph with any other node, or whose saved tensors
+students: layer norm, softmax, embeddings, splits, concatenations and stacks, indexing, slicing
+and padding, masks, dtype casts (autocast's), dropout and the usual activations (`NODES`). A graph with any other node, or whose saved tensors
 were changed in place or freed (autograd's own checks), raises `UnsupportedForward`;
 `readable(output)` says beforehand whether every node is covered. Tensors that require grad but
 are not sources are held constant (zero tangent).
@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .tangent import UnsupportedForward, _shaped
-from .tangent_rules import RULES, _identity, _sum, aten
+from .tangent_rules import RULES, _apply_to_tangent, _identity, _sum, aten
 
 
 class _Node(NamedTuple):
@@ -38,13 +38,18 @@ def _of(func, edges, read):
     return _Node(RULES[func].tangent, edges, read)
 
 
+def _linear(func, read):
+    """The node of an operator linear in its one tracked tensor: the operator applied to dx."""
+    return _Node((RULES[func] if func in RULES else _apply_to_tangent(func)).tangent, (0,), read)
+
+
 def _nothing_saved(arity):
     return lambda n: ((None,) * arity, (None,), {})
 
 
 def _dims(saved):
-    """Saved dims as a list of ints: a negative one can come back as its unsigned 64-bit
-    pattern (mean over [-1, -2] reads [2**64 - 1, 2**64 - 2])."""
+    """Saved dims (or indices, pads, shifts) as a list of ints: a negative one can come back as
+    its unsigned 64-bit pattern (mean over [-1, -2] reads [2**64 - 1, 2**64 - 2])."""
     return [d - (1 << 64) if d >= 1 << 63 else d for d in saved]
 
 
@@ -81,6 +86,17 @@ def _elementwise(args, targs, outs, meta, kwargs):
     backward applied to dx, that is the node itself (args[0]) called on dx. It reads what the
     node keeps to itself, such as whether CUDA's fused dropout applied."""
     return args[0](targs[0])
+
+
+def _where(args, targs, outs, meta, kwargs):
+    """where(c, a, b): where(c, da, db), a side without a tangent contributing zeros."""
+    return torch.where(args[0], *(0.0 if t is None else t for t in targs[1:]))
+
+
+def _stack(args, targs, outs, meta, kwargs):
+    """stack(xs, dim): the tangents stacked, zeros for inputs without one (all of one shape)."""
+    like = next(t for t in targs if t is not None)
+    return torch.stack([like.new_zeros(like.shape) if t is None else t for t in targs], args[0])
 
 
 def _max_pool(args, targs, outs, meta, kwargs):
@@ -233,6 +249,33 @@ NODES = {
                                                       (None,), {})),
     "EmbeddingBackward0": _Node(_embedding, (0,), lambda n: (
         (None, n._saved_indices), (None,), {})),
+    "SafeSoftmaxBackward0": _Node(_softmax, (0,), lambda n: (
+        (None, _dims([n._saved_dim])[0]), (n._saved_result,), {})),
+    "ReshapeAliasBackward0": _SHAPE_ONLY,
+    "AddBackward1": _Node(_identity, (0,), _nothing_saved(1)),        # x + a number: dx
+    "MulBackward1": _linear(aten.mul.Scalar, lambda n: ((None, n._saved_other), (None,), {})),
+    "SelectBackward0": _linear(aten.select.int, lambda n: (
+        (None, *_dims([n._saved_dim, n._saved_index])), (None,), {})),
+    "SliceBackward0": _linear(aten.slice.Tensor, lambda n: (
+        (None, *_dims([n._saved_dim, n._saved_start, n._saved_end]), n._saved_step), (None,),
+        {})),
+    "ConstantPadNdBackward0": _linear(aten.constant_pad_nd.default, lambda n: (
+        (None, _dims(n._saved_pad)), (None,), {})),        # the padding's value is a constant
+    "RollBackward0": _linear(aten.roll.default, lambda n: (
+        (None, _dims(n._saved_shifts), _dims(n._saved_dims)), (None,), {})),
+    "FlipBackward0": _linear(aten.flip.default, lambda n: ((None, _dims(n._saved_dims)),
+                                                           (None,), {})),
+    "RepeatBackward0": _linear(aten.repeat.default, lambda n: ((None, list(n._saved_repeats)),
+                                                               (None,), {})),
+    "GatherBackward0": _linear(aten.gather.default, lambda n: (
+        (None, _dims([n._saved_dim])[0], n._saved_index), (None,), {})),
+    "IndexBackward0": _linear(aten.index.Tensor, lambda n: ((None, list(n._saved_indices)),
+                                                            (None,), {})),
+    "MaskedFillBackward0": _linear(aten.masked_fill.Scalar, lambda n: (
+        (None, n._saved_mask, 0.0), (None,), {})),
+    "WhereBackward0": _Node(_where, (1, 2), lambda n: ((n._saved_condition, None, None),
+                                                       (None,), {})),
+    "StackBackward0": _Node(_stack, None, lambda n: ((_dims([n._saved_dim])[0],), (None,), {})),
 }
 
 # Elementwise functions of one tensor, in place or not: activations, dropout, pointwise math.
