@@ -9,12 +9,13 @@ operator, else one of those below. The forward itself costs nothing extra:
 where `TangentTape` observes every operator of the forward through a dispatch mode (tens of
 microseconds each, which bind a GPU's host), this reads about a hundred nodes once.
 
-It covers the operators of convolutional, multilayer-perceptron and (attention aside) sequence
-students: layer norm, softmax, embeddings, splits, concatenations and stacks, indexing, slicing
-and padding, masks, dtype casts (autocast's), dropout and the usual activations (`NODES`). A graph with any other node, or whose saved tensors
-were changed in place or freed (autograd's own checks), raises `UnsupportedForward`;
-`readable(output)` says beforehand whether every node is covered. Tensors that require grad but
-are not sources are held constant (zero tangent).
+It covers the operators of convolutional, multilayer-perceptron and sequence students (fused
+attention kernels aside; attention's math path is covered): layer norm, softmax, embeddings,
+splits, concatenations and stacks, indexing, slicing and padding, masks, dtype casts
+(autocast's), dropout and the usual activations (`NODES`). A graph with any other node, or
+whose saved tensors were changed in place or freed (autograd's own checks), raises
+`UnsupportedForward`; `readable(output)` says beforehand whether every node is covered. Tensors
+that require grad but are not sources are held constant (zero tangent).
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def _of(func, edges, read):
 
 def _linear(func, read):
     """The node of an operator linear in its one tracked tensor: the operator applied to dx."""
-    return _Node((RULES[func] if func in RULES else _apply_to_tangent(func)).tangent, (0,), read)
+    return _Node(_apply_to_tangent(func).tangent, (0,), read)
 
 
 def _nothing_saved(arity):
