@@ -169,13 +169,12 @@ class TangentTape:
         return slots if tracked else None
 
     def _check(self, func, x):
-        tag = getattr(x, _TAG, None)
-        if tag is None or tag[0] != self._serial:
+        slot = self._slot(x)
+        if slot is None:
             if x.requires_grad:
                 self._refuse(f"{func} reads a tensor that requires grad but was not computed "
                              "by the recorded operators")
             return None
-        slot = tag[1]
         if x._version != self._version[slot]:
             self._refuse(f"{func} reads a tensor changed in place by an operator that did not "
                          "update its tangent")
