@@ -1,6 +1,7 @@
 """The student's JVP without a second forward: kdops.meta.tangent.TangentTape (a recorded
 forward) and kdops.meta.graph_tangent (the autograd graph of an unobserved one), against
 torch.func.jvp of a second forward (float64, train-mode networks), and their refusals."""
+import contextlib
 import copy
 import warnings
 import weakref
@@ -66,7 +67,8 @@ class Mixer(nn.Module):
 
 class Attention(nn.Module):
     """A self-attention layer through the fused kernel (F.scaled_dot_product_attention), causal
-    or with an additive mask `bias` (a buffer), and a reshape of its transposed output."""
+    or with an additive mask `bias` (a buffer), a scale other than the default, and a reshape
+    of its transposed output."""
 
     def __init__(self, dropout=0.0, bias=None):
         super().__init__()
@@ -80,7 +82,7 @@ class Attention(nn.Module):
     def forward(self, x):
         h = self.embed(x)
         q, k, v = (t.transpose(1, 2) for t in self.qkv(h).view(*x.shape[:2], 3, 2, 8).unbind(2))
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias,
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias, scale=0.5,
                                            is_causal=self.bias is None,
                                            dropout_p=self.dropout if self.training else 0.0)
         h = self.norm(h + a.transpose(1, 2).reshape(*x.shape[:2], 16))
@@ -146,9 +148,10 @@ class Tokens(nn.Module):
 
 class Elementwise(nn.Module):
     """Every elementwise node the graph reader covers (graph_tangent.ELEMENTWISE): activations,
-    in place where that has a node of its own, pointwise math on positive values where it
-    needs them, dropout by its fused kernel (torch.native_dropout, as CUDA's F.dropout runs),
-    and casts to float32 and back as autocast inserts them."""
+    in place where that has a node of its own, pointwise math on the values where it is
+    defined, roundings, functions of two and three tensors, dropout by its fused kernel
+    (torch.native_dropout, as CUDA's F.dropout runs), and casts to float32 and back as
+    autocast inserts them."""
 
     def __init__(self):
         super().__init__()
@@ -169,7 +172,48 @@ class Elementwise(nn.Module):
             -h, 1 - h, h.abs(), h.clamp(-0.4, 0.6), h ** 3, p.pow(2.5), h.exp(), h.expm1(),
             p.log(), p.log1p(), p.sqrt(), p.rsqrt(), p.reciprocal(), h.sin(), h.cos(), h.erf(),
             h.float().sigmoid().double()]
-        return self.out(sum(acts).mean(1))
+        u = torch.tanh(h) * 0.9                                # in (-1, 1)
+        math = [
+            h.clamp_min(0.1), h.clamp_max(0.2), 2 ** h, h.exp2(), p.log2(), p.log10(),
+            torch.sigmoid(h).logit(), (h * 0.3).tan(), h.sinh(), h.cosh(), u.asin(), u.acos(),
+            h.atan(), u.atanh(), h.erfc(), u.erfinv(), h.sign(), h.round(), h.floor(),
+            h.ceil(), h.trunc(), h.frac(), torch.maximum(h, h.flip(-1)),
+            torch.minimum(h, h.cos()), torch.addcmul(h, h, h.cos(), value=0.5),
+            torch.addcdiv(h, h.sin(), p, value=0.3), torch.lerp(h, h.sin(), 0.3),
+            torch.lerp(h, h.sin(), u), torch.atan2(h, p), p ** u, torch.hypot(h, p)]
+        return self.out(sum(acts).mean(1) + sum(math).mean(1) / 10)
+
+
+class Spatial(nn.Module):
+    """A group norm, a PReLU, upsamplings (nearest, nearest-exact, bilinear, bicubic), pixel
+    and channel shuffles, unfold and fold, adaptive max pooling, cumulative sums, triangles and
+    diagonals, and reductions over dims and over all (max, min, amax, amin, var, std, norms,
+    logsumexp, prod, with and without keepdim)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 4)
+        nn.init.uniform_(self.norm.weight, 0.5, 1.5)
+        self.act = nn.PReLU(4)
+        self.out = nn.Linear(4, 5)
+
+    def forward(self, x):
+        h = self.act(self.norm(self.conv(x)))                              # [4, 4, 6, 6]
+        planes = [
+            F.interpolate(h, scale_factor=1.7).mean((2, 3)),         # not 6 / 10
+            F.interpolate(h, size=(5, 7), mode="nearest-exact").amax((2, 3)),
+            F.interpolate(h, scale_factor=1.5, mode="bilinear").std((2, 3)),
+            F.interpolate(h, size=(4, 5), mode="bicubic", align_corners=True).var((2, 3)),
+            F.pixel_unshuffle(F.pixel_shuffle(h, 2), 2).logsumexp((2, 3)),
+            F.channel_shuffle(h, 2).amin((2, 3), keepdim=True)[..., 0, 0],
+            torch.linalg.vector_norm(F.fold(F.unfold(h, 3), (6, 6), 3), 3, dim=(2, 3)),
+            F.adaptive_max_pool2d(h, 2).flatten(2).max(-1).values,
+            h.flatten(2).min(-1, keepdim=True).values[..., 0],
+            h.cumsum(1)[..., 0, 0], h[..., 0].prod(-1), h.tril(1).sum((2, 3)),
+            h.triu(-1).sum((2, 3)), h.diagonal(0, 2, 3).sum(-1), h.var(1).mean((1, 2))[:, None]]
+        whole = h.max() + h.min() - h[:, 0, 0, :3].prod() + h.var() + h.norm()
+        return self.out(sum(planes) + whole)
 
 
 class Indexing(nn.Module):
@@ -199,6 +243,13 @@ class Indexing(nn.Module):
         return self.out(sum(parts))
 
 
+class Cumulative(nn.Module):
+    """A cumulative product: an operator the graph reader has no rule for."""
+
+    def forward(self, x):
+        return x.cumprod(-1)
+
+
 def pooled():
     return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, stride=2), nn.BatchNorm2d(4), nn.ReLU(),
                          nn.AvgPool2d(3, stride=1, padding=1), nn.AdaptiveAvgPool2d(2),
@@ -215,8 +266,11 @@ NETS = {
     "clamped": (clamped, (4, 3, 6, 6)),
     "elementwise": (Elementwise, (4, 7, 6)),
     "indexing": (Indexing, (4, 7, 6)),
+    "spatial": (Spatial, (4, 3, 6, 6)),
     "attention": (Attention, (4, 7, 6)),
     "attention_dropout": (lambda: Attention(dropout=0.3), (4, 7, 6)),
+    "cumulative": (lambda: nn.Sequential(nn.Linear(6, 8), Cumulative(), nn.Linear(8, 5)),
+                   (4, 7, 6)),
 }
 
 
@@ -226,11 +280,10 @@ def _device(name):
     return torch.device(name)
 
 
-# The nets whose every autograd node the graph reader covers. Attention with dropout runs the
-# math path of F.scaled_dot_product_attention here (the CPU's fused kernel takes no dropout, a
-# GPU's none takes float64); without dropout the CPU's fused kernel runs: refused.
-GRAPH_READABLE = {"residual", "pointwise", "pooled", "eval_batch_norm", "clamped", "mixer",
-                  "tokens", "elementwise", "indexing", "attention_dropout"}
+# The nets whose every autograd node the graph reader covers. In float64 attention runs the
+# CPU's fused kernel, and with dropout the math path of F.scaled_dot_product_attention (the
+# CPU's fused kernel takes no dropout, a GPU's none takes float64).
+GRAPH_READABLE = set(NETS) - {"cumulative"}
 
 
 def _tape_jvp(net, x, sources, tangents):
@@ -303,9 +356,11 @@ def test_graph_jvp_matches_a_second_forward(name, sources, device):
 
 
 def test_the_readable_nets_have_every_node_the_reader_covers():
-    """So that the test above checks every rule of graph_tangent.NODES (cuDNN's batch norm, a
-    GPU's, has a test of its own below)."""
-    seen = {"CudnnBatchNormBackward0"}
+    """So that the test above checks every rule of graph_tangent.NODES (cuDNN's batch norm and
+    the fused attention kernels of a GPU have tests of their own below)."""
+    seen = {"CudnnBatchNormBackward0", "ScaledDotProductFlashAttentionBackward0",
+            "ScaledDotProductEfficientAttentionBackward0",
+            "ScaledDotProductCudnnAttentionBackward0"}
     for name in GRAPH_READABLE:
         net, x, _, _ = _net_and_sources(name, "all", torch.device("cpu"))
         seen |= {type(n).__name__ for n in _nodes(net(x))[0]}
@@ -314,7 +369,7 @@ def test_the_readable_nets_have_every_node_the_reader_covers():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["residual", "pointwise", "pooled", "tokens", "mixer",
-                                  "clamped"])
+                                  "clamped", "spatial", "attention"])
 def test_graph_jvp_under_autocast_agrees_with_the_tape(name, device):
     """Under autocast the graph holds its casts (ToCopyBackward0) and 16-bit saved values, and
     a layer norm normalizes a bfloat16 input in float32. torch.func.jvp does not run under
@@ -366,6 +421,18 @@ def test_graph_jvp_refuses_nodes_it_has_no_rule_for(name, device):
     assert not readable(out)
     with pytest.raises(UnsupportedForward, match="no tangent rule for the autograd node"):
         graph_jvp(out, params, tangents)
+
+
+def test_graph_jvp_refuses_an_elementwise_input_broadcast_to_the_output():
+    """An elementwise node sums a broadcast input's gradient back to the input's shape, which
+    its tangent cannot undo: refused, not wrong. The input of the output's shape is read."""
+    h = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    floor = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    out = torch.maximum(h, floor)
+    dh = torch.randn_like(h)
+    torch.testing.assert_close(graph_jvp(out, [h], [dh]), torch.where(h > floor, dh, 0.0))
+    with pytest.raises(UnsupportedForward, match="broadcast"):
+        graph_jvp(out, [floor], [torch.ones_like(floor)])
 
 
 def test_graph_jvp_refuses_a_graph_changed_or_freed_since_the_forward():
@@ -488,22 +555,25 @@ def test_tape_refuses_what_it_cannot_replay(case):
         tape.jvp(out, [torch.ones_like(p) for p in params])
 
 
-@pytest.mark.parametrize("device,dtype", [("cpu", torch.float32), ("cpu", torch.bfloat16),
-                                          ("cuda", torch.float32), ("cuda", torch.bfloat16)])
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_tape_jvp_through_a_fused_attention_kernel(device, dtype, with_bias):
-    """float32 and bfloat16, where the dispatcher picks a fused kernel (CPU flash; on an H100
-    memory-efficient for float32, cuDNN for bfloat16), with and without an additive mask."""
+# (device, dtype, with an additive mask, the one kernel allowed or None): where the dispatcher
+# picks a fused kernel (CPU flash; on an H100 memory-efficient for float32, cuDNN for
+# bfloat16), and CUDA's flash kernel (16-bit, no mask) by itself.
+FUSED_ATTENTION = [(device, dtype, with_bias, None) for device in DEVICES
+                   for dtype in (torch.float32, torch.bfloat16) for with_bias in (False, True)]
+FUSED_ATTENTION.append(("cuda", torch.bfloat16, False, SDPBackend.FLASH_ATTENTION))
+
+
+@pytest.mark.parametrize("device,dtype,with_bias,kernel", FUSED_ATTENTION)
+@pytest.mark.parametrize("jvp_of", [_tape_jvp, _graph_jvp], ids=["tape", "graph"])
+def test_jvp_through_a_fused_attention_kernel(device, dtype, with_bias, kernel, jvp_of):
     device = _device(device)
     torch.manual_seed(2)
     net = Attention(bias=torch.randn(7, 7) if with_bias else None).to(device, dtype)
     x = torch.randn(4, 7, 6, device=device, dtype=dtype)
     params = list(net.parameters())
     tangents = [torch.randn_like(p) for p in params]
-    tape = TangentTape(params)
-    with tape:
-        out = net(x)
-    got = tape.jvp(out, tangents)
+    with sdpa_kernel(kernel) if kernel else contextlib.nullcontext():
+        got = jvp_of(net, x, params, tangents)
     # The reference: a float32 copy through the math kernel.
     twin = copy.deepcopy(net).float()
     names = [n for n, _ in twin.named_parameters()]
@@ -516,17 +586,16 @@ def test_tape_jvp_through_a_fused_attention_kernel(device, dtype, with_bias):
     torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
 
 
-def test_tape_refuses_the_dropout_of_a_fused_attention_kernel():
+@pytest.mark.parametrize("jvp_of", [_tape_jvp, _graph_jvp], ids=["tape", "graph"])
+def test_jvp_refuses_the_dropout_of_a_fused_attention_kernel(jvp_of):
     """In float64 (above) attention dropout runs in the math path, whose masks the tape
-    records; a fused CUDA kernel draws its own."""
+    records and the graph keeps; a fused CUDA kernel draws its own."""
     device = _device("cuda")
     net = Attention(dropout=0.5).to(device)
     params = list(net.parameters())
-    tape = TangentTape(params)
-    with tape:
-        out = net(torch.randn(2, 7, 6, device=device))
     with pytest.raises(UnsupportedForward, match="attention dropout"):
-        tape.jvp(out, [torch.ones_like(p) for p in params])
+        jvp_of(net, torch.randn(2, 7, 6, device=device), params,
+               [torch.ones_like(p) for p in params])
 
 
 def test_tape_is_freed_with_its_last_reference():
@@ -605,13 +674,6 @@ def test_jvp_mode_falls_back_to_a_second_forward_with_a_warning():
         torch.testing.assert_close(again, w, rtol=1e-10, atol=1e-13)
 
 
-class Cumulative(nn.Module):
-    """A cumulative sum: an operator the graph reader has no rule for."""
-
-    def forward(self, x):
-        return x.cumsum(-1)
-
-
 @pytest.mark.parametrize("readable_graph", [True, False])
 def test_jvp_mode_reads_the_graph_once_a_record_showed_it_readable(readable_graph, monkeypatch):
     """The first "jvp" pilot forward is recorded; where its autograd graph is readable, the
@@ -642,7 +704,7 @@ def test_jvp_mode_falls_back_when_a_graph_it_expected_readable_is_not():
     teacher = nn.Linear(3, 4).double()
     gradient._GRAPH_READABLE[student] = True           # as if an earlier graph had been
     with pytest.warns(UserWarning, match="no tangent rule for the autograd node "
-                                         "CumsumBackward0"):
+                                         "CumprodBackward0"):
         got = _meta_grads(student, teacher, "jvp")
     assert not gradient._GRAPH_READABLE[student]       # the next pilot is recorded again
     for g, w in zip(got, _meta_grads(student, teacher, "autograd")):
@@ -651,22 +713,27 @@ def test_jvp_mode_falls_back_when_a_graph_it_expected_readable_is_not():
 
 def test_attention_student_meta_gradient_through_the_fused_kernel():
     """The fused CPU/CUDA attention kernels have no double backward (mode="autograd" fails
-    with them) and no forward-mode rule (torch.func.jvp fails): the tape gives the exact
-    meta-gradient, equal to "autograd" through the math kernel."""
-    def run(mode, backend):
+    with them) and no forward-mode rule (torch.func.jvp fails): the tape (the first pilot's
+    record), then the graph reader (the second pilot's graph) give the exact meta-gradient,
+    equal to "autograd" through the math kernel."""
+    def run(mode, backend, steps=1):
         torch.manual_seed(0)
         student, teacher = Attention().double(), Attention().double()
         x, xq = torch.randn(2, 4, 7, 6, dtype=torch.float64).unbind()
         y, yq = torch.randint(0, 5, (2, 4)).unbind()
         with sdpa_kernel(backend):
-            out = meta.meta_gradient(student, teacher(x), x, y, xq, yq,
-                                     list(teacher.parameters()), lr=0.2, mode=mode,
-                                     temperature=2.0)
-        return out["meta_grads"]
+            return student, [meta.meta_gradient(student, teacher(x), x, y, xq, yq,
+                                                list(teacher.parameters()), lr=0.2, mode=mode,
+                                                temperature=2.0)["meta_grads"]
+                             for _ in range(steps)]
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)       # no fallback to torch.func.jvp
-        got = run("jvp", [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                          SDPBackend.CUDNN_ATTENTION])
-    for g, w in zip(got, run("autograd", SDPBackend.MATH)):
+        student, (recorded, read) = run("jvp", [SDPBackend.FLASH_ATTENTION,
+                                                SDPBackend.EFFICIENT_ATTENTION,
+                                                SDPBackend.CUDNN_ATTENTION], steps=2)
+    assert gradient._GRAPH_READABLE[student]
+    (want,) = run("autograd", SDPBackend.MATH)[1]
+    for g, again, w in zip(recorded, read, want):
+        torch.testing.assert_close(again, w, rtol=1e-8, atol=1e-12)
         torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-12)

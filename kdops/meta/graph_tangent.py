@@ -9,13 +9,15 @@ operator, else one of those below. The forward itself costs nothing extra:
 where `TangentTape` observes every operator of the forward through a dispatch mode (tens of
 microseconds each, which bind a GPU's host), this reads about a hundred nodes once.
 
-It covers the operators of convolutional, multilayer-perceptron and sequence students (fused
-attention kernels aside; attention's math path is covered): layer norm, softmax, embeddings,
-splits, concatenations and stacks, indexing, slicing and padding, masks, dtype casts
-(autocast's), dropout and the usual activations (`NODES`). A graph with any other node, or
-whose saved tensors were changed in place or freed (autograd's own checks), raises
-`UnsupportedForward`; `readable(output)` says beforehand whether every node is covered. Tensors
-that require grad but are not sources are held constant (zero tangent).
+It covers the operators of convolutional, multilayer-perceptron and sequence students:
+convolutions and matrix products, batch, layer and group norms, pooling and upsampling,
+attention (its fused kernels without dropout, and its math path), softmax, embeddings, splits,
+concatenations and stacks, indexing, slicing, padding and shuffles, masks, reductions, dtype
+casts (autocast's), dropout, activations and elementwise math (`NODES`). A graph with any other
+node, or whose saved tensors were changed in place or freed (autograd's own checks), raises
+`UnsupportedForward`; `readable(output)` says beforehand whether every node is covered (an
+elementwise node also refuses an input broadcast to its output's shape, found only on reading).
+Tensors that require grad but are not sources are held constant (zero tangent).
 """
 from __future__ import annotations
 
@@ -83,10 +85,48 @@ def _divide(args, targs, outs, meta, kwargs):
 
 
 def _elementwise(args, targs, outs, meta, kwargs):
-    """y = f(x) elementwise: the Jacobian is diagonal, so symmetric, and the tangent is the
-    backward applied to dx, that is the node itself (args[0]) called on dx. It reads what the
-    node keeps to itself, such as whether CUDA's fused dropout applied."""
-    return args[0](targs[0])
+    """z = f(x, y, …) elementwise: each input's Jacobian is diagonal, so symmetric, and its term
+    of the tangent is the backward applied to its tangent, that is the node itself (args[0])
+    called on dx, at dx's input. The node reads what it keeps to itself, such as whether CUDA's
+    fused dropout applied. An input broadcast to the output's shape would come back summed to
+    its own: refused."""
+    node, shape = args[0], meta[0][0]
+    terms = []
+    for i, t in enumerate(targs):
+        if t is None:
+            continue
+        if t.shape != shape:
+            raise UnsupportedForward(f"{node.name()}: an input broadcast to the output's shape")
+        grads = node(t)
+        terms.append(grads[i] if isinstance(grads, tuple) else grads)
+    return _sum(terms)
+
+
+def _prelu(args, targs, outs, meta, kwargs):
+    """prelu(x, w) = x where x > 0, else w·x (w viewed to broadcast): dx there, else
+    w·dx + x·dw."""
+    x, w = args
+    dx, dw = targs
+    below = _sum([None if dx is None else w * dx, None if dw is None else x * dw])
+    return torch.where(x > 0, 0.0 if dx is None else dx, below)
+
+
+def _reduction(args, targs, outs, meta, kwargs):
+    """z = r(x) over dims (all of them where dims is None), each element of x feeding one
+    element of z: the node called on ones gives, at each element of x, the derivative of the
+    element of z it feeds, and dz is that times dx summed over the dims. A max's tangent is dx
+    at its argmax, ties shared as autograd's backward shares them."""
+    node, dims, keepdim = args
+    shape, dtype = meta[0]
+    slopes = node(torch.ones(shape, dtype=dtype, device=targs[0].device)) * targs[0]
+    return slopes.sum() if dims is None else slopes.sum(dims, keepdim)
+
+
+def _reduced_over(n):
+    """(the node, its dims (None: all), keepdim): var, std, norms, amax, logsumexp, max.dim."""
+    dim = n._saved_dim
+    dims = None if dim is None or dim == () else _dims([dim] if isinstance(dim, int) else dim)
+    return (n, dims, n._saved_keepdim), (None,), {}
 
 
 def _where(args, targs, outs, meta, kwargs):
@@ -101,8 +141,8 @@ def _stack(args, targs, outs, meta, kwargs):
 
 
 def _max_pool(args, targs, outs, meta, kwargs):
-    """max_pool2d: the tangent at each window's maximum, read off the forward's indices (flat
-    in each input plane)."""
+    """max_pool2d, adaptive_max_pool2d: the tangent at each window's maximum, read off the
+    forward's indices (flat in each input plane)."""
     indices = outs[1]
     return targs[0].flatten(-2).gather(-1, indices.flatten(-2)).view(indices.shape)
 
@@ -123,6 +163,27 @@ def _layer_norm(args, targs, outs, meta, kwargs):
     if dw is not None:
         terms.append((x - mean) * rstd * dw)
     terms.append(db)
+    return (_sum(terms),) + (None,) * (len(meta) - 1)
+
+
+def _group_norm(args, targs, outs, meta, kwargs):
+    """Group norm, x of [N, C, *] normalized over each sample's groups of C/G channels: the
+    layer norm's tangent (above) with γ and β per channel, N the group norm's backward without
+    weight."""
+    x, weight, mean, rstd, n, c, hw, group = args
+    dx, dw, db = targs[:3]
+    per_channel = (c,) + (1,) * (x.dim() - 2)
+    terms = []
+    if dx is not None:       # its kernel reads dx as contiguous (a bias's tangent is expanded)
+        normalized = aten.native_group_norm_backward(dx.to(mean.dtype).contiguous(),
+                                                     x.to(mean.dtype), mean, rstd, None, n, c,
+                                                     hw, group, [True, False, False])[0]
+        terms.append(normalized if weight is None else normalized * weight.view(per_channel))
+    if dw is not None:
+        x_hat = (x.reshape(n, group, -1) - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
+        terms.append(x_hat.view(x.shape) * dw.view(per_channel))
+    if db is not None:
+        terms.append(db.view(per_channel))
     return (_sum(terms),) + (None,) * (len(meta) - 1)
 
 
@@ -277,9 +338,77 @@ NODES = {
     "WhereBackward0": _Node(_where, (1, 2), lambda n: ((n._saved_condition, None, None),
                                                        (None,), {})),
     "StackBackward0": _Node(_stack, None, lambda n: ((_dims([n._saved_dim])[0],), (None,), {})),
+    "PreluKernelBackward0": _Node(_prelu, (0, 1), lambda n: ((n._saved_self, n._saved_weight),
+                                                             (None,), {})),
+    "NativeGroupNormBackward0": _Node(_group_norm, (0, 1, 2), lambda n: (
+        (n._saved_input, n._saved_weight, n._saved_result1, n._saved_result2, n._saved_N,
+         n._saved_C, n._saved_HxW, n._saved_group), (None,), {})),
+    "AdaptiveMaxPool2DBackward0": _Node(_max_pool, (0,), lambda n: (
+        (None,), (None, n._saved_result1), {})),
+    "UpsampleNearest2DBackward0": _linear(aten.upsample_nearest2d.default, lambda n: (
+        (None, list(n._saved_output_size), n._saved_scales_h, n._saved_scales_w), (None,), {})),
+    "UpsampleNearestExact2DBackward0": _linear(
+        aten._upsample_nearest_exact2d.default, lambda n: (
+            (None, list(n._saved_output_size), n._saved_scales_h, n._saved_scales_w), (None,),
+            {})),
+    "UpsampleBilinear2DBackward0": _linear(aten.upsample_bilinear2d.default, lambda n: (
+        (None, list(n._saved_output_size), n._saved_align_corners, n._saved_scales_h,
+         n._saved_scales_w), (None,), {})),
+    "UpsampleBicubic2DBackward0": _linear(aten.upsample_bicubic2d.default, lambda n: (
+        (None, list(n._saved_output_size), n._saved_align_corners, n._saved_scales_h,
+         n._saved_scales_w), (None,), {})),
+    "PixelShuffleBackward0": _linear(aten.pixel_shuffle.default, lambda n: (
+        (None, n._saved_upscale_factor), (None,), {})),
+    "PixelUnshuffleBackward0": _linear(aten.pixel_unshuffle.default, lambda n: (
+        (None, n._saved_downscale_factor), (None,), {})),
+    "ChannelShuffleBackward0": _linear(aten.channel_shuffle.default, lambda n: (
+        (None, n._saved_groups), (None,), {})),
+    "Im2ColBackward0": _linear(aten.im2col.default, lambda n: (
+        (None, *(list(s) for s in (n._saved_kernel_size, n._saved_dilation, n._saved_padding,
+                                   n._saved_stride))), (None,), {})),
+    "Col2ImBackward0": _linear(aten.col2im.default, lambda n: (
+        (None, list(n._input_metadata[0].shape)[-2:],
+         *(list(s) for s in (n._saved_kernel_size, n._saved_dilation, n._saved_padding,
+                             n._saved_stride))), (None,), {})),
+    "CumsumBackward0": _linear(aten.cumsum.default, lambda n: (
+        (None, _dims([n._saved_dim])[0]), (None,), {})),
+    "TrilBackward0": _linear(aten.tril.default, lambda n: (
+        (None, *_dims([n._saved_diagonal])), (None,), {})),
+    "TriuBackward0": _linear(aten.triu.default, lambda n: (
+        (None, *_dims([n._saved_diagonal])), (None,), {})),
+    "DiagonalBackward0": _linear(aten.diagonal.default, lambda n: (
+        (None, *_dims([n._saved_offset, n._saved_dim1, n._saved_dim2])), (None,), {})),
+    # Fused attention kernels: the tape's rule, forward-mode autograd through the math kernel.
+    "ScaledDotProductFlashAttentionForCpuBackward0": _of(
+        aten._scaled_dot_product_flash_attention_for_cpu.default, (0, 1, 2), lambda n: (
+            (n._saved_query, n._saved_key, n._saved_value, n._saved_dropout_p,
+             n._saved_is_causal), (None, None),
+            {"attn_mask": n._saved_attn_mask, "scale": n._saved_scale})),
+    "ScaledDotProductFlashAttentionBackward0": _of(
+        aten._scaled_dot_product_flash_attention.default, (0, 1, 2), lambda n: (
+            (n._saved_query, n._saved_key, n._saved_value, n._saved_dropout_p,
+             n._saved_is_causal), (None,), {"scale": n._saved_scale})),
+    # Three edges where the bias is not differentiable, four where it is: edges zip to the first.
+    "ScaledDotProductEfficientAttentionBackward0": _of(
+        aten._scaled_dot_product_efficient_attention.default, (0, 1, 2, 3), lambda n: (
+            (n._saved_query, n._saved_key, n._saved_value, n._saved_attn_bias, True,
+             n._saved_dropout_p, n._saved_is_causal), (None,), {"scale": n._saved_scale})),
+    "ScaledDotProductCudnnAttentionBackward0": _of(
+        aten._scaled_dot_product_cudnn_attention.default, (0, 1, 2, 3), lambda n: (
+            (n._saved_query, n._saved_key, n._saved_value, n._saved_attn_bias, True,
+             n._saved_dropout_p, n._saved_is_causal), (None,), {"scale": n._saved_scale})),
 }
 
-# Elementwise functions of one tensor, in place or not: activations, dropout, pointwise math.
+# Reductions over dims, each element of the input feeding one of the output (_reduction).
+NODES.update(dict.fromkeys(
+    ("VarBackward0", "StdBackward0", "LinalgVectorNormBackward0", "AmaxBackward0",
+     "AminBackward0", "LogsumexpBackward0", "ProdBackward1", "MaxBackward0", "MinBackward0"),
+    _Node(_reduction, (0,), _reduced_over)))
+NODES.update(dict.fromkeys(("MaxBackward1", "MinBackward1", "ProdBackward0"), _Node(
+    _reduction, (0,), lambda n: ((n, None, False), (None,), {}))))
+
+# Elementwise functions, in place or not: activations, dropout, pointwise math of one tensor
+# (a rounding's tangent is zero), and of several tensors of one shape.
 ELEMENTWISE = (
     "ReluBackward0", "ThresholdBackward0", "ThresholdBackward1", "HardtanhBackward0",
     "LeakyReluBackward0", "LeakyReluBackward1", "RreluWithNoiseBackward0", "EluBackward0",
@@ -287,10 +416,17 @@ ELEMENTWISE = (
     "SigmoidBackward0", "LogSigmoidBackward0", "SiluBackward0", "GeluBackward0", "MishBackward0",
     "HardswishBackward0", "HardsigmoidBackward0", "HardshrinkBackward0", "SoftshrinkBackward0",
     "NativeDropoutBackward0", "NegBackward0", "RsubBackward1", "AbsBackward0", "ClampBackward1",
-    "PowBackward0", "ExpBackward0", "Expm1Backward0", "LogBackward0", "Log1PBackward0",
-    "SqrtBackward0", "RsqrtBackward0", "ReciprocalBackward0", "SinBackward0", "CosBackward0",
-    "ErfBackward0")
-NODES.update(dict.fromkeys(ELEMENTWISE, _Node(_elementwise, (0,), lambda n: ((n,), (None,), {}))))
+    "ClampMinBackward0", "ClampMaxBackward0", "PowBackward0", "PowBackward2", "ExpBackward0",
+    "Exp2Backward0", "Expm1Backward0", "LogBackward0", "Log2Backward0", "Log10Backward0",
+    "Log1PBackward0", "LogitBackward0", "SqrtBackward0", "RsqrtBackward0", "ReciprocalBackward0",
+    "SinBackward0", "CosBackward0", "TanBackward0", "SinhBackward0", "CoshBackward0",
+    "AsinBackward0", "AcosBackward0", "AtanBackward0", "AtanhBackward0", "ErfBackward0",
+    "ErfcBackward0", "ErfinvBackward0", "SignBackward0", "RoundBackward0", "FloorBackward0",
+    "CeilBackward0", "TruncBackward0", "FracBackward0",
+    "MaximumBackward0", "MinimumBackward0", "AddcmulBackward0", "AddcdivBackward0",
+    "LerpBackward0", "LerpBackward1", "Atan2Backward0", "PowBackward1", "HypotBackward0")
+NODES.update(dict.fromkeys(ELEMENTWISE, _Node(_elementwise, None,
+                                              lambda n: ((n,), (None,), {}))))
 
 _LEAF = "AccumulateGrad"
 
