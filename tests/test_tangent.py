@@ -173,7 +173,7 @@ class Elementwise(nn.Module):
             p.log(), p.log1p(), p.sqrt(), p.rsqrt(), p.reciprocal(), h.sin(), h.cos(), h.erf(),
             h.float().sigmoid().double()]
         u = torch.tanh(h) * 0.9                                # in (-1, 1)
-        math = [
+        functions = [
             h.clamp_min(0.1), h.clamp_max(0.2), 2 ** h, h.exp2(), p.log2(), p.log10(),
             torch.sigmoid(h).logit(), (h * 0.3).tan(), h.sinh(), h.cosh(), u.asin(), u.acos(),
             h.atan(), u.atanh(), h.erfc(), u.erfinv(), h.sign(), h.round(), h.floor(),
@@ -181,7 +181,7 @@ class Elementwise(nn.Module):
             torch.minimum(h, h.cos()), torch.addcmul(h, h, h.cos(), value=0.5),
             torch.addcdiv(h, h.sin(), p, value=0.3), torch.lerp(h, h.sin(), 0.3),
             torch.lerp(h, h.sin(), u), torch.atan2(h, p), p ** u, torch.hypot(h, p)]
-        return self.out(sum(acts).mean(1) + sum(math).mean(1) / 10)
+        return self.out(sum(acts).mean(1) + sum(functions).mean(1) / 10)
 
 
 class Spatial(nn.Module):
