@@ -56,6 +56,21 @@ def _dims(saved):
     return [d - (1 << 64) if d >= 1 << 63 else d for d in saved]
 
 
+def _upsampling(func, align_corners):
+    """The node of upsample_*2d(x, output_size, [align_corners,] scales_h, scales_w)."""
+    def read(n):
+        corners = (n._saved_align_corners,) if align_corners else ()
+        return ((None, list(n._saved_output_size), *corners, n._saved_scales_h,
+                 n._saved_scales_w), (None,), {})
+    return _linear(func, read)
+
+
+def _window(n):
+    """im2col / col2im: kernel size, dilation, padding, stride."""
+    return [list(s) for s in (n._saved_kernel_size, n._saved_dilation, n._saved_padding,
+                              n._saved_stride)]
+
+
 def _convolution(n):
     """convolution: (input, weight, bias, stride, padding, dilation, transposed,
     output_padding, groups); the bias's value is not needed."""
@@ -345,31 +360,21 @@ NODES = {
          n._saved_C, n._saved_HxW, n._saved_group), (None,), {})),
     "AdaptiveMaxPool2DBackward0": _Node(_max_pool, (0,), lambda n: (
         (None,), (None, n._saved_result1), {})),
-    "UpsampleNearest2DBackward0": _linear(aten.upsample_nearest2d.default, lambda n: (
-        (None, list(n._saved_output_size), n._saved_scales_h, n._saved_scales_w), (None,), {})),
-    "UpsampleNearestExact2DBackward0": _linear(
-        aten._upsample_nearest_exact2d.default, lambda n: (
-            (None, list(n._saved_output_size), n._saved_scales_h, n._saved_scales_w), (None,),
-            {})),
-    "UpsampleBilinear2DBackward0": _linear(aten.upsample_bilinear2d.default, lambda n: (
-        (None, list(n._saved_output_size), n._saved_align_corners, n._saved_scales_h,
-         n._saved_scales_w), (None,), {})),
-    "UpsampleBicubic2DBackward0": _linear(aten.upsample_bicubic2d.default, lambda n: (
-        (None, list(n._saved_output_size), n._saved_align_corners, n._saved_scales_h,
-         n._saved_scales_w), (None,), {})),
+    "UpsampleNearest2DBackward0": _upsampling(aten.upsample_nearest2d.default, False),
+    "UpsampleNearestExact2DBackward0": _upsampling(aten._upsample_nearest_exact2d.default,
+                                                   False),
+    "UpsampleBilinear2DBackward0": _upsampling(aten.upsample_bilinear2d.default, True),
+    "UpsampleBicubic2DBackward0": _upsampling(aten.upsample_bicubic2d.default, True),
     "PixelShuffleBackward0": _linear(aten.pixel_shuffle.default, lambda n: (
         (None, n._saved_upscale_factor), (None,), {})),
     "PixelUnshuffleBackward0": _linear(aten.pixel_unshuffle.default, lambda n: (
         (None, n._saved_downscale_factor), (None,), {})),
     "ChannelShuffleBackward0": _linear(aten.channel_shuffle.default, lambda n: (
         (None, n._saved_groups), (None,), {})),
-    "Im2ColBackward0": _linear(aten.im2col.default, lambda n: (
-        (None, *(list(s) for s in (n._saved_kernel_size, n._saved_dilation, n._saved_padding,
-                                   n._saved_stride))), (None,), {})),
+    "Im2ColBackward0": _linear(aten.im2col.default, lambda n: ((None, *_window(n)), (None,),
+                                                               {})),
     "Col2ImBackward0": _linear(aten.col2im.default, lambda n: (
-        (None, list(n._input_metadata[0].shape)[-2:],
-         *(list(s) for s in (n._saved_kernel_size, n._saved_dilation, n._saved_padding,
-                             n._saved_stride))), (None,), {})),
+        (None, list(n._input_metadata[0].shape)[-2:], *_window(n)), (None,), {})),
     "CumsumBackward0": _linear(aten.cumsum.default, lambda n: (
         (None, _dims([n._saved_dim])[0]), (None,), {})),
     "TrilBackward0": _linear(aten.tril.default, lambda n: (
