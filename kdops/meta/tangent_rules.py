@@ -206,7 +206,8 @@ def _attention(bias_at, dropout_at, causal_at):
     refused."""
     def tangent(args, targs, outs, meta, kwargs):
         if len(args) > dropout_at and args[dropout_at]:
-            raise RuntimeError("attention dropout draws masks the tape cannot replay")
+            raise RuntimeError("attention dropout: the fused kernel draws masks of its own, which "
+                               "neither its graph nor a record keeps")
         # CPU flash takes the mask as a keyword (untracked: the tape refuses tracked ones).
         bias = kwargs.get("attn_mask") if bias_at is None else args[bias_at]
         dbias = None if bias_at is None else targs[bias_at]
