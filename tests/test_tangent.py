@@ -243,6 +243,25 @@ class Indexing(nn.Module):
         return self.out(sum(parts))
 
 
+class Recurrent(nn.Module):
+    """LSTM, GRU and RNN layers as the CPU runs them (matrix products, gates, unsafe splits,
+    in-place transposes; two bidirectional LSTM layers with dropout between them), an unsafe
+    split with sizes and a GLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(6, 8, num_layers=2, batch_first=True, bidirectional=True,
+                            dropout=0.2)
+        self.gru = nn.GRU(16, 8, batch_first=True)
+        self.rnn = nn.RNN(8, 8, batch_first=True)
+        self.out = nn.Linear(4, 5)
+
+    def forward(self, x):
+        h = self.rnn(self.gru(self.lstm(x)[0])[0])[0]
+        first, last = h.unsafe_split_with_sizes([3, 5], -1)
+        return self.out(F.glu(torch.cat([last, first], -1), -1).mean(1))
+
+
 class Cumulative(nn.Module):
     """A cumulative product: an operator the graph reader has no rule for."""
 
@@ -267,6 +286,7 @@ NETS = {
     "elementwise": (Elementwise, (4, 7, 6)),
     "indexing": (Indexing, (4, 7, 6)),
     "spatial": (Spatial, (4, 3, 6, 6)),
+    "recurrent": (Recurrent, (4, 7, 6)),
     "attention": (Attention, (4, 7, 6)),
     "attention_dropout": (lambda: Attention(dropout=0.3), (4, 7, 6)),
     "cumulative": (lambda: nn.Sequential(nn.Linear(6, 8), Cumulative(), nn.Linear(8, 5)),
@@ -335,9 +355,10 @@ def _net_and_sources(name, sources, device):
 
 
 # The tape refuses the elementwise net's in-place operators that it has no rule for and its
-# random ones other than dropout (see test_tape_refuses_what_it_cannot_replay).
+# random ones other than dropout (see test_tape_refuses_what_it_cannot_replay), and the in-place
+# products of the CPU's LSTM cells.
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", sorted(set(NETS) - {"elementwise"}))
+@pytest.mark.parametrize("name", sorted(set(NETS) - {"elementwise", "recurrent"}))
 @pytest.mark.parametrize("sources", ["all", "weights", "vectors"])
 def test_tape_jvp_matches_a_second_forward(name, sources, device):
     got, want = _recorded_and_reference(*_net_and_sources(name, sources, _device(device)))
@@ -356,9 +377,11 @@ def test_graph_jvp_matches_a_second_forward(name, sources, device):
 
 
 def test_the_readable_nets_have_every_node_the_reader_covers():
-    """So that the test above checks every rule of graph_tangent.NODES (cuDNN's batch norm and
-    the fused attention kernels of a GPU have tests of their own below)."""
-    seen = {"CudnnBatchNormBackward0", "ScaledDotProductFlashAttentionBackward0",
+    """So that the test above checks every rule of graph_tangent.NODES (cuDNN's batch norm,
+    the fused attention kernels of a GPU, and bags of embeddings, which torch.func.jvp does not
+    differentiate, have tests of their own below)."""
+    seen = {"CudnnBatchNormBackward0", "EmbeddingBagBackward0",
+            "ScaledDotProductFlashAttentionBackward0",
             "ScaledDotProductEfficientAttentionBackward0",
             "ScaledDotProductCudnnAttentionBackward0"}
     for name in GRAPH_READABLE:
@@ -421,6 +444,41 @@ def test_graph_jvp_refuses_nodes_it_has_no_rule_for(name, device):
     assert not readable(out)
     with pytest.raises(UnsupportedForward, match="no tangent rule for the autograd node"):
         graph_jvp(out, params, tangents)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+@pytest.mark.parametrize("include_last_offset", [False, True])
+def test_graph_jvp_through_bags_of_embeddings(mode, include_last_offset):
+    """embedding_bag has no forward-mode rule and no double backward: the reference is its
+    Jacobian from autograd's backward, one row per output. Bags: three entries, an empty one,
+    one of padding alone, four; per-sample weights with the sums."""
+    torch.manual_seed(0)
+    weight = torch.randn(10, 4, dtype=torch.float64, requires_grad=True)
+    indices = torch.randint(0, 10, (12,))
+    indices[3:8] = 2
+    offsets = torch.tensor([0, 3, 3, 8] + [12] * include_last_offset)
+    weights = torch.rand(12, dtype=torch.float64) if mode == "sum" else None
+
+    def bags(w):
+        return F.embedding_bag(indices, w, offsets, mode=mode, padding_idx=2,
+                               include_last_offset=include_last_offset,
+                               per_sample_weights=weights)
+
+    out, tangent = bags(weight), torch.randn_like(weight)
+    jacobian = torch.autograd.functional.jacobian(bags, weight).reshape(out.numel(), -1)
+    want = (jacobian @ tangent.flatten()).view(out.shape)
+    assert want.abs().max() > 0.1 and (want[1:3] == 0).all()      # empty and padding bags
+    torch.testing.assert_close(graph_jvp(out, [weight], [tangent]), want, rtol=1e-12, atol=0)
+
+
+def test_graph_jvp_refuses_a_tangent_of_the_per_sample_weights():
+    """Its tangent would need the table, which embedding_bag's node does not keep."""
+    table = torch.randn(10, 4, dtype=torch.float64)
+    weights = torch.rand(5, dtype=torch.float64, requires_grad=True)
+    out = F.embedding_bag(torch.arange(5), table, torch.tensor([0, 2]), mode="sum",
+                          per_sample_weights=weights)
+    with pytest.raises(UnsupportedForward, match="per-sample weights"):
+        graph_jvp(out, [weights], [torch.ones_like(weights)])
 
 
 def test_graph_jvp_refuses_an_elementwise_input_broadcast_to_the_output():
@@ -655,23 +713,34 @@ def test_recompute_student_runs_it_again_after_the_quiz_and_agrees():
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
 
 
-def test_jvp_mode_falls_back_to_a_second_forward_with_a_warning():
-    """The tape refuses the in-place product; the autograd graph has it, and serves from the
-    next step on."""
+def test_jvp_mode_reads_the_first_graph_where_its_record_fails():
+    """The tape refuses the in-place product; the autograd graph has it: the first pilot's
+    graph is read as the later ones are, with no second forward and no warning."""
     torch.manual_seed(0)
     student, teacher = InPlaceScale().double(), nn.Linear(3, 4).double()
     calls = _counting(student)
-    with pytest.warns(UserWarning, match="no tangent rule for aten.mul_"):
-        jvp_grads = _meta_grads(student, teacher, "jvp")
-    assert len(calls) == 3
-    want = _meta_grads(student, teacher, "autograd")
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        graph_grads = _meta_grads(student, teacher, "jvp")
-    assert len(calls) == 3 + 2 + 2            # autograd's two forwards, then the pilot's and
-    for got, again, w in zip(jvp_grads, graph_grads, want):  # the quiz's: no second forward
+        first = _meta_grads(student, teacher, "jvp")
+        assert len(calls) == 2                    # the pilot's and the quiz's forwards
+        again = _meta_grads(student, teacher, "jvp")
+    for got, later, w in zip(first, again, _meta_grads(student, teacher, "autograd")):
         torch.testing.assert_close(got, w, rtol=1e-10, atol=1e-13)
-        torch.testing.assert_close(again, w, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(later, w, rtol=1e-10, atol=1e-13)
+
+
+def test_jvp_mode_falls_back_to_a_second_forward_with_a_warning():
+    """Neither the tape (an in-place product) nor the graph (a cumulative product) serves:
+    torch.func.jvp runs a second forward, with a warning."""
+    torch.manual_seed(0)
+    student = nn.Sequential(InPlaceScale(), Cumulative()).double()
+    teacher = nn.Linear(3, 4).double()
+    calls = _counting(student)
+    with pytest.warns(UserWarning, match="no tangent rule for aten.mul_"):
+        got = _meta_grads(student, teacher, "jvp")
+    assert len(calls) == 3
+    for g, w in zip(got, _meta_grads(student, teacher, "autograd")):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-13)
 
 
 @pytest.mark.parametrize("readable_graph", [True, False])

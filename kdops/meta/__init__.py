@@ -16,14 +16,14 @@ meta-parameters) in one of three ways:
     Nesterov; the buffers do not depend on w). z comes from the pilot's own forward of the
     student: only the tangent terms run (two convolutions per convolution, say), not the
     forward again. The first such forward of a student is recorded by a
-    `tangent.TangentTape`; once a record shows that `graph_tangent.graph_jvp` covers every
-    node of its autograd graph (convolutional, MLP and sequence students without fused
-    attention), the later forwards run unobserved and the tangents are read off their
-    graphs, so the record's cost (tens of microseconds per operator) goes. Where neither
-    can replay a forward exactly (an in-place or random operator without a rule, a compiled
-    region) a warning says why and torch.func.jvp runs a second forward instead. Attention
-    through F.scaled_dot_product_attention replays from the record without dropout, or with
-    the dropout of the math kernel (whose masks are recorded); a fused kernel's attention
+    `tangent.TangentTape`, as a fallback: where `graph_tangent.graph_jvp` covers every node
+    of its autograd graph (convolutional, MLP, recurrent and sequence students), the tangents
+    are read off that graph and the later forwards run unobserved, so the record's cost (tens
+    of microseconds per operator) goes. Where neither can replay a forward exactly (an
+    in-place or random operator without a rule, a compiled region) a warning says why and
+    torch.func.jvp runs a second forward instead. Attention
+    through F.scaled_dot_product_attention replays without dropout, or with the dropout of
+    the math kernel (whose masks the graph and the record keep); a fused kernel's attention
     dropout cannot be replayed, and torch.func.jvp has no rule for those kernels: use
     "autograd" or "finite_difference" there.
 ``"autograd"``: create_graph through the student's backward, the fused loss and the fused pilot

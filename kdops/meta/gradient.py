@@ -20,8 +20,8 @@ from .train_mode import PhaseTimer, _ReplayRng, _untimed, frozen_batch_norm_stat
 
 MODES = ("jvp", "autograd", "finite_difference")
 
-# Per student, whether `graph_jvp` reads its forwards: learnt from its first recorded forward
-# that replays, and False for good once a graph it was to read is refused. While True, its
+# Per student, whether `graph_jvp` reads its forwards: learnt from the graph of its first
+# recorded forward, and False for good once a graph it was to read is refused. While True, its
 # forwards run unrecorded (the record costs tens of microseconds per operator).
 _GRAPH_READABLE = weakref.WeakKeyDictionary()
 
@@ -138,16 +138,22 @@ def _student_jvp(student, names, theta, u, inputs, rng, mode, fd_eps, tape, s):
 
     In "jvp" mode the tangents of the pilot forward: read off its autograd graph
     (`graph_jvp`) where the student's graphs are readable, else replayed from its record
-    (`TangentTape`), the first of which tells whether they are. Where neither serves,
-    torch.func.jvp of a second forward."""
+    (`TangentTape`), the first of which tells whether they are (its own graph is then read
+    too: the record is the fallback). Where neither serves, torch.func.jvp of a second
+    forward."""
     if mode == "jvp":
         if tape is not None and student not in _GRAPH_READABLE:
             _GRAPH_READABLE[student] = readable(s)
         try:
-            return graph_jvp(s, theta, u) if tape is None else tape.jvp(s, u)
+            if _GRAPH_READABLE[student]:
+                try:
+                    return graph_jvp(s, theta, u)
+                except UnsupportedForward:
+                    _GRAPH_READABLE[student] = False
+                    if tape is None:
+                        raise
+            return tape.jvp(s, u)
         except UnsupportedForward as e:
-            if tape is None:
-                _GRAPH_READABLE[student] = False
             warnings.warn(f"kdops.meta: the student's JVP runs a second forward with "
                           f"torch.func.jvp, since its pilot forward cannot be replayed: {e}",
                           stacklevel=4)

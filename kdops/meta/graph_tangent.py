@@ -11,7 +11,8 @@ microseconds each, which bind a GPU's host), this reads about a hundred nodes on
 
 It covers the operators of convolutional, multilayer-perceptron and sequence students:
 convolutions and matrix products, batch, layer and group norms, pooling and upsampling,
-attention (its fused kernels without dropout, and its math path), softmax, embeddings, splits,
+attention (its fused kernels without dropout, and its math path), recurrent layers as the CPU
+runs them (cuDNN's fused ones aside), softmax, embeddings and bags of them, splits,
 concatenations and stacks, indexing, slicing, padding and shuffles, masks, reductions, dtype
 casts (autocast's), dropout, activations and elementwise math (`NODES`). A graph with any other
 node, or whose saved tensors were changed in place or freed (autograd's own checks), raises
@@ -255,6 +256,31 @@ def _embedding(args, targs, outs, meta, kwargs):
     return aten.embedding(targs[0], args[1])
 
 
+def _embedding_bag(args, targs, outs, meta, kwargs):
+    """embedding_bag(W, indices, offsets, mode) is linear in W where the bags are fixed: sum
+    and mean bags of dW (with the per-sample weights), and for max dW at each bag's argmax per
+    column (none in an empty bag). A tangent of the per-sample weights would need W, which the
+    node does not keep: refused."""
+    indices, offsets, mode, weights, padding_idx, bag_size, argmax = args
+    dw, dweights = targs
+    if dweights is not None:
+        raise UnsupportedForward("embedding_bag: a tangent of its per-sample weights")
+    if mode == 2:
+        return torch.where((bag_size > 0)[:, None], dw.gather(0, argmax), 0.0)
+    include_last_offset = offsets.numel() == meta[0][0][0] + 1
+    return aten._embedding_bag(dw, indices, offsets, False, mode, False, weights,
+                               include_last_offset, padding_idx)[0]
+
+
+def _glu(args, targs, outs, meta, kwargs):
+    """glu(x) = a ⊙ σ(b), x = [a, b] halved along dim: da ⊙ σ(b) + a ⊙ σ(b)(1 − σ(b)) ⊙ db."""
+    x, dim = args
+    a, b = x.chunk(2, dim)
+    da, db = targs[0].chunk(2, dim)
+    gate = torch.sigmoid(b)
+    return da * gate + a * gate * (1 - gate) * db
+
+
 def _output_shape(n):
     """(None, the node's output shape): the arguments of a view, reshape or expand."""
     return (None, list(n._input_metadata[0].shape)), (None,), {}
@@ -326,6 +352,11 @@ NODES = {
                                                       (None,), {})),
     "EmbeddingBackward0": _Node(_embedding, (0,), lambda n: (
         (None, n._saved_indices), (None,), {})),
+    "EmbeddingBagBackward0": _Node(_embedding_bag, None, lambda n: (
+        (n._saved_indices, n._saved_offsets, n._saved_mode, n._saved_per_sample_weights,
+         _dims([n._saved_padding_idx])[0], n._saved_result2, n._saved_result3), (None,), {})),
+    "GluBackward0": _Node(_glu, (0,), lambda n: ((n._saved_self, _dims([n._saved_dim])[0]),
+                                                 (None,), {})),
     "SafeSoftmaxBackward0": _Node(_softmax, (0,), lambda n: (
         (None, _dims([n._saved_dim])[0]), (n._saved_result,), {})),
     "ReshapeAliasBackward0": _SHAPE_ONLY,
@@ -403,6 +434,11 @@ NODES = {
             (n._saved_query, n._saved_key, n._saved_value, n._saved_attn_bias, True,
              n._saved_dropout_p, n._saved_is_causal), (None,), {"scale": n._saved_scale})),
 }
+
+# An in-place transpose and the unsafe splits of the CPU's recurrent layers: their twins' reads.
+NODES.update({"TransposeBackward1": NODES["TransposeBackward0"],
+              "UnsafeSplitBackward0": NODES["SplitBackward0"],
+              "UnsafeSplitWithSizesBackward0": NODES["SplitWithSizesBackward0"]})
 
 # Reductions over dims, each element of the input feeding one of the output (_reduction).
 NODES.update(dict.fromkeys(
