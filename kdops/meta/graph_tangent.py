@@ -16,8 +16,9 @@ runs them (cuDNN's fused ones aside), softmax, embeddings and bags of them, spli
 concatenations and stacks, indexing, slicing, padding and shuffles, masks, reductions, dtype
 casts (autocast's), dropout, activations and elementwise math (`NODES`). A graph with any other
 node, or whose saved tensors were changed in place or freed (autograd's own checks), raises
-`UnsupportedForward`; `readable(output)` says beforehand whether every node is covered (an
-elementwise node also refuses an input broadcast to its output's shape, found only on reading).
+`UnsupportedForward`; `readable(output)` says beforehand whether every node is covered (two
+refusals come only on reading: an elementwise node's input broadcast to its output's shape, and
+a tangent of embedding_bag's per-sample weights).
 Tensors that require grad but are not sources are held constant (zero tangent).
 """
 from __future__ import annotations
