@@ -15,7 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kdops import meta
 from kdops.meta import gradient
-from kdops.meta.graph_tangent import NODES, _nodes, graph_jvp, readable
+from kdops.meta.graph_tangent import NODES, _nodes, _onednn_off, graph_jvp, readable
 from kdops.meta.tangent import TangentTape, UnsupportedForward
 
 DEVICES = ["cpu", "cuda"]
@@ -378,9 +378,9 @@ def test_graph_jvp_matches_a_second_forward(name, sources, device):
 
 def test_the_readable_nets_have_every_node_the_reader_covers():
     """So that the test above checks every rule of graph_tangent.NODES (cuDNN's batch norm,
-    the fused attention kernels of a GPU, and bags of embeddings, which torch.func.jvp does not
-    differentiate, have tests of their own below)."""
-    seen = {"CudnnBatchNormBackward0", "EmbeddingBagBackward0",
+    the fused attention kernels of a GPU, and oneDNN's LSTM layers and bags of embeddings,
+    which torch.func.jvp does not differentiate, have tests of their own below)."""
+    seen = {"CudnnBatchNormBackward0", "EmbeddingBagBackward0", "MkldnnRnnLayerBackward0",
             "ScaledDotProductFlashAttentionBackward0",
             "ScaledDotProductEfficientAttentionBackward0",
             "ScaledDotProductCudnnAttentionBackward0"}
@@ -444,6 +444,38 @@ def test_graph_jvp_refuses_nodes_it_has_no_rule_for(name, device):
     assert not readable(out)
     with pytest.raises(UnsupportedForward, match="no tangent rule for the autograd node"):
         graph_jvp(out, params, tangents)
+
+
+class OneDnnLstm(nn.Module):
+    """Two bidirectional LSTM layers, batch first, their initial hidden state computed from the
+    input (a tracked state) and their initial cell state zero."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(6, 8, num_layers=2, batch_first=True, bidirectional=True)
+        self.init = nn.Linear(6, 8)
+
+    def forward(self, x):
+        h0 = torch.tanh(self.init(x.mean(1))).expand(4, -1, -1).contiguous()
+        return self.lstm(x, (h0, torch.zeros_like(h0)))[0]
+
+
+def test_graph_jvp_through_onednn_lstm_layers():
+    """A float32 LSTM on the CPU runs oneDNN's fused layer, which has no forward-mode rule; the
+    reference is torch.func.jvp with oneDNN off (the recurrence decomposed)."""
+    torch.manual_seed(0)
+    net, x = OneDnnLstm(), torch.randn(4, 7, 6)
+    out = net(x)
+    if "MkldnnRnnLayerBackward0" not in {type(n).__name__ for n in _nodes(out)[0]}:
+        pytest.skip("this build of torch runs float32 LSTMs on the CPU without oneDNN")
+    params = list(net.parameters())
+    tangents = [torch.randn_like(p) for p in params]
+    names = [n for n, _ in net.named_parameters()]
+    with _onednn_off():
+        want = jvp(lambda *ps: functional_call(net, dict(zip(names, ps)), (x,)),
+                   tuple(p.detach() for p in params), tuple(tangents))[1]
+    assert want.abs().max() > 0.1
+    torch.testing.assert_close(graph_jvp(out, params, tangents), want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["sum", "mean", "max"])

@@ -12,20 +12,22 @@ microseconds each, which bind a GPU's host), this reads about a hundred nodes on
 It covers the operators of convolutional, multilayer-perceptron and sequence students:
 convolutions and matrix products, batch, layer and group norms, pooling and upsampling,
 attention (its fused kernels without dropout, and its math path), recurrent layers as the CPU
-runs them (cuDNN's fused ones aside), softmax, embeddings and bags of them, splits,
-concatenations and stacks, indexing, slicing, padding and shuffles, masks, reductions, dtype
-casts (autocast's), dropout, activations and elementwise math (`NODES`). A graph with any other
-node, or whose saved tensors were changed in place or freed (autograd's own checks), raises
-`UnsupportedForward`; `readable(output)` says beforehand whether every node is covered (two
-refusals come only on reading: an elementwise node's input broadcast to its output's shape, and
-a tangent of embedding_bag's per-sample weights).
-Tensors that require grad but are not sources are held constant (zero tangent).
+runs them (oneDNN's LSTM layer through its decomposed recurrence; cuDNN's fused RNNs aside),
+softmax, embeddings and bags of them, splits, concatenations and stacks, indexing, slicing,
+padding and shuffles, masks, reductions, dtype casts (autocast's), dropout, activations and
+elementwise math (`NODES`). A graph with any other node, or whose saved tensors were changed in
+place or freed (autograd's own checks), raises `UnsupportedForward`; `readable(output)` says
+beforehand whether every node is covered (two refusals come only on reading: an elementwise
+node's input broadcast to its output's shape, and a tangent of embedding_bag's per-sample
+weights). Tensors that require grad but are not sources are held constant (zero tangent).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, NamedTuple, Sequence
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from .tangent import UnsupportedForward, _shaped
@@ -273,6 +275,35 @@ def _embedding_bag(args, targs, outs, meta, kwargs):
                                include_last_offset, padding_idx)[0]
 
 
+@contextlib.contextmanager
+def _onednn_off():
+    """oneDNN off, nothing else changed (torch.backends.mkldnn.flags also resets its
+    determinism and TF32 flags, with a warning)."""
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = enabled
+
+
+def _lstm_layer(args, targs, outs, meta, kwargs):
+    """oneDNN's LSTM layer (mkldnn_rnn_layer: one direction of one layer, time-major), which has
+    no forward-mode rule: the tangents of (output, h, c) by forward-mode autograd through the
+    same recurrence decomposed (aten's lstm with oneDNN off; the layer's primal runs again),
+    in reversed time for a backward direction."""
+    x, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse = args
+    with fwAD.dual_level(), _onednn_off():
+        x, w_ih, w_hh, b_ih, b_hh, h0, c0 = (
+            a if a is None or t is None else fwAD.make_dual(a, t)
+            for a, t in zip((x, w_ih, w_hh, b_ih, b_hh, h0, c0), targs))
+        params = [w for w in (w_ih, w_hh, b_ih, b_hh) if w is not None]
+        out, h, c = aten.lstm.input(x.flip(0) if reverse else x, [h0[None], c0[None]], params,
+                                    b_ih is not None, 1, 0.0, False, False, False)
+        return tuple(fwAD.unpack_dual(y).tangent
+                     for y in (out.flip(0) if reverse else out, h[0], c[0]))
+
+
 def _glu(args, targs, outs, meta, kwargs):
     """glu(x) = a ⊙ σ(b), x = [a, b] halved along dim: da ⊙ σ(b) + a ⊙ σ(b)(1 − σ(b)) ⊙ db."""
     x, dim = args
@@ -358,6 +389,9 @@ NODES = {
          _dims([n._saved_padding_idx])[0], n._saved_result2, n._saved_result3), (None,), {})),
     "GluBackward0": _Node(_glu, (0,), lambda n: ((n._saved_self, _dims([n._saved_dim])[0]),
                                                  (None,), {})),
+    "MkldnnRnnLayerBackward0": _Node(_lstm_layer, (0, 1, 2, 3, 4, 5, 6), lambda n: (
+        (n._saved_input, n._saved_weight0, n._saved_weight1, n._saved_weight2,
+         n._saved_weight3, n._saved_hx_, n._saved_cx_, n._saved_reverse), (None,), {})),
     "SafeSoftmaxBackward0": _Node(_softmax, (0,), lambda n: (
         (None, _dims([n._saved_dim])[0]), (n._saved_result,), {})),
     "ReshapeAliasBackward0": _SHAPE_ONLY,
