@@ -761,6 +761,38 @@ def test_jvp_mode_reads_the_first_graph_where_its_record_fails():
         torch.testing.assert_close(later, w, rtol=1e-10, atol=1e-13)
 
 
+class LstmStudent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(3, 8, batch_first=True)
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.out(self.lstm(x[:, None].expand(-1, 5, -1).contiguous())[0].mean(1))
+
+
+def test_jvp_mode_through_a_float32_lstm_student():
+    """oneDNN's LSTM layer has neither a forward-mode rule (torch.func.jvp fails on it) nor a
+    double backward ("autograd" fails): the graph gives the meta-gradient, from the first step,
+    equal to "autograd" with oneDNN off to float32 rounding."""
+    torch.manual_seed(0)
+    student, teacher = LstmStudent(), nn.Linear(3, 4)
+    x, xq = torch.randn(2, 6, 3).unbind()
+    y, yq = torch.randint(0, 4, (2, 6)).unbind()
+
+    def meta_grads(mode):
+        return meta.meta_gradient(student, teacher(x), x, y, xq, yq, list(teacher.parameters()),
+                                  lr=0.2, mode=mode, temperature=2.0)["meta_grads"]
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="kdops.meta")   # no second forward
+        got = meta_grads("jvp")
+    with _onednn_off():
+        want = meta_grads("autograd")
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+
+
 def test_jvp_mode_falls_back_to_a_second_forward_with_a_warning():
     """Neither the tape (an in-place product) nor the graph (a cumulative product) serves:
     torch.func.jvp runs a second forward, with a warning."""
