@@ -21,11 +21,11 @@ meta-parameters) in one of three ways:
     are read off that graph and the later forwards run unobserved, so the record's cost (tens
     of microseconds per operator) goes. Where neither can replay a forward exactly (an
     in-place or random operator without a rule, a compiled region) a warning says why and
-    torch.func.jvp runs a second forward instead. Attention
-    through F.scaled_dot_product_attention replays without dropout, or with the dropout of
-    the math kernel (whose masks the graph and the record keep); a fused kernel's attention
-    dropout cannot be replayed, and torch.func.jvp has no rule for those kernels: use
-    "autograd" or "finite_difference" there.
+    torch.func.jvp runs a second forward instead. Attention through
+    F.scaled_dot_product_attention replays without dropout, or with the dropout of the math
+    kernel (whose masks the graph and the record keep); a fused kernel's attention dropout
+    cannot be replayed, and torch.func.jvp has no rule for those kernels: use "autograd" or
+    "finite_difference" there.
 ``"autograd"``: create_graph through the student's backward, the fused loss and the fused pilot
     step: the exact reference, at the cost of a second-order graph of the student.
 ``"finite_difference"``: z ≈ (s(θ + εu) − s(θ − εu)) / 2ε with ε = `fd_eps`/‖u‖ (DistPro's
