@@ -27,10 +27,9 @@ import contextlib
 from typing import Callable, NamedTuple, Sequence
 
 import torch
-import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from .tangent import UnsupportedForward, _shaped
+from .tangent import UnsupportedForward, _forward_ad, _shaped
 from .tangent_rules import RULES, _apply_to_tangent, _identity, _sum, aten
 
 
@@ -292,16 +291,16 @@ def _lstm_layer(args, targs, outs, meta, kwargs):
     no forward-mode rule: the tangents of (output, h, c) by forward-mode autograd through the
     same recurrence decomposed (aten's lstm with oneDNN off; the layer's primal runs again),
     in reversed time for a backward direction."""
-    x, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse = args
-    with fwAD.dual_level(), _onednn_off():
-        x, w_ih, w_hh, b_ih, b_hh, h0, c0 = (
-            a if a is None or t is None else fwAD.make_dual(a, t)
-            for a, t in zip((x, w_ih, w_hh, b_ih, b_hh, h0, c0), targs))
+    reverse = args[7]
+
+    def layer(x, w_ih, w_hh, b_ih, b_hh, h0, c0):
         params = [w for w in (w_ih, w_hh, b_ih, b_hh) if w is not None]
         out, h, c = aten.lstm.input(x.flip(0) if reverse else x, [h0[None], c0[None]], params,
                                     b_ih is not None, 1, 0.0, False, False, False)
-        return tuple(fwAD.unpack_dual(y).tangent
-                     for y in (out.flip(0) if reverse else out, h[0], c[0]))
+        return out.flip(0) if reverse else out, h[0], c[0]
+
+    with _onednn_off():
+        return _forward_ad(layer, args[:7], targs[:7], {})
 
 
 def _glu(args, targs, outs, meta, kwargs):
