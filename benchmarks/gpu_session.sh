@@ -3,7 +3,7 @@
 #
 #   OUT=/tmp/kdops-gpu KDOPS_GIT_SHA=$(git rev-parse HEAD) \
 #       bash benchmarks/gpu_session.sh build gpu_tests sanitize bench_kd bench_pilot bench_meta \
-#       bench_jvp bench_compat
+#       bench_jvp bench_compat floor_meta profile_meta
 #
 # build        compiles kdops._C with the CUDA kernels for sm_90 in place and copies it,
 #              stripped, to $OUT (to carry next time: skipped when a build is already there)
@@ -18,6 +18,8 @@
 # bench_meta   benchmarks/bench_meta_step.py on the GPU
 # bench_jvp    benchmarks/bench_student_jvp.py on the GPU
 # bench_compat benchmarks/bench_compat.py on the GPU (KDOPS_BENCH_COMPAT_SHAPES picks the shapes)
+# floor_meta   benchmarks/meta_step_floor.py cifar, 40 rounds: plain, kdops "jvp" and the floor
+# profile_meta benchmarks/profile_meta_step.py cifar: host and device time per phase
 #
 # Every stage's output goes to $OUT/session.log, pytest-benchmark JSON to $OUT/<gpu>-*.json
 # with the git sha in its commit_info (the device copy of the tree has no .git). Liger-Kernel
@@ -77,6 +79,12 @@ bench_pilot() { bench bench_pilot_sgd.py "$GPU-pilot_sgd.json"; }
 bench_meta() { bench bench_meta_step.py "$GPU-meta_step.json"; }
 bench_jvp() { bench bench_student_jvp.py "$GPU-student_jvp.json"; }
 bench_compat() { bench bench_compat.py "$GPU-compat.json"; }
+floor_meta() {
+    python3 benchmarks/meta_step_floor.py cifar --rounds 40 --json "$OUT/$GPU-meta_step-floor-cifar.json"
+}
+profile_meta() {
+    python3 benchmarks/profile_meta_step.py cifar --json "$OUT/$GPU-meta_step-profile-cifar.json"
+}
 
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv

@@ -77,3 +77,16 @@ def test_floor_scripts_run():
         f"{impl}/{how}" for impl in ("kdops", "loop", "nothing_python_function",
                                      "nothing_cpp_node")
         for how in ("forward_backward", "forward_backward_calling_thread")}
+
+
+def test_profile_script_runs():
+    """Every phase of both steps is profiled, and the operators it counts are there."""
+    out = run_script("profile_meta_step.py", "digits_mlp", "--steps", "2")
+    phases = {"pilot", "quiz", "meta_gradient", "teacher_update", "real_step"}
+    for impl in ("plain", "kdops_jvp"):
+        assert set(out["results"][impl]["phases"]) == phases
+        assert all(row["ops"] > 0 and row["wall_ms"] > 0
+                   for row in out["results"][impl]["phases"].values())
+    # the demo's MLPs, 3 layers in the teacher and 2 in the student: the pilot's forwards of
+    # both, the quiz's of the student, the real step's of both
+    assert out["results"]["plain"]["operators"]["aten::linear"]["count"] == 3 + 2 + 2 + 3 + 2
