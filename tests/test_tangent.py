@@ -15,7 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kdops import meta
 from kdops.meta import gradient
-from kdops.meta.graph_tangent import NODES, _nodes, _onednn_off, graph_jvp, readable
+from kdops.meta.graph_tangent import NODES, _nodes, graph_jvp, readable
 from kdops.meta.tangent import TangentTape, UnsupportedForward
 
 DEVICES = ["cpu", "cuda"]
@@ -366,8 +366,11 @@ def test_tape_jvp_matches_a_second_forward(name, sources, device):
     torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-12)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", sorted(GRAPH_READABLE))
+# On a GPU the recurrent net runs cuDNN's RNN, whose dropout between LSTM layers is refused
+# (test_recurrent_tangent.py tests cuDNN's RNNs).
+@pytest.mark.parametrize("name,device", [(name, device) for name in sorted(GRAPH_READABLE)
+                                         for device in DEVICES
+                                         if (name, device) != ("recurrent", "cuda")])
 @pytest.mark.parametrize("sources", ["all", "weights", "vectors"])
 def test_graph_jvp_matches_a_second_forward(name, sources, device):
     net, x, params, tangents = _net_and_sources(name, sources, _device(device))
@@ -378,9 +381,11 @@ def test_graph_jvp_matches_a_second_forward(name, sources, device):
 
 def test_the_readable_nets_have_every_node_the_reader_covers():
     """So that the test above checks every rule of graph_tangent.NODES (cuDNN's batch norm,
-    the fused attention kernels of a GPU, and oneDNN's LSTM layers and bags of embeddings,
-    which torch.func.jvp does not differentiate, have tests of their own below)."""
+    the fused attention kernels of a GPU and bags of embeddings have tests of their own below;
+    oneDNN's and cuDNN's recurrent layers, which torch.func.jvp does not differentiate, in
+    test_recurrent_tangent.py)."""
     seen = {"CudnnBatchNormBackward0", "EmbeddingBagBackward0", "MkldnnRnnLayerBackward0",
+            "CudnnRnnBackward0",
             "ScaledDotProductFlashAttentionBackward0",
             "ScaledDotProductEfficientAttentionBackward0",
             "ScaledDotProductCudnnAttentionBackward0"}
@@ -444,38 +449,6 @@ def test_graph_jvp_refuses_nodes_it_has_no_rule_for(name, device):
     assert not readable(out)
     with pytest.raises(UnsupportedForward, match="no tangent rule for the autograd node"):
         graph_jvp(out, params, tangents)
-
-
-class OneDnnLstm(nn.Module):
-    """Two bidirectional LSTM layers, batch first, their initial hidden state computed from the
-    input (a tracked state) and their initial cell state zero."""
-
-    def __init__(self):
-        super().__init__()
-        self.lstm = nn.LSTM(6, 8, num_layers=2, batch_first=True, bidirectional=True)
-        self.init = nn.Linear(6, 8)
-
-    def forward(self, x):
-        h0 = torch.tanh(self.init(x.mean(1))).expand(4, -1, -1).contiguous()
-        return self.lstm(x, (h0, torch.zeros_like(h0)))[0]
-
-
-def test_graph_jvp_through_onednn_lstm_layers():
-    """A float32 LSTM on the CPU runs oneDNN's fused layer, which has no forward-mode rule; the
-    reference is torch.func.jvp with oneDNN off (the recurrence decomposed)."""
-    torch.manual_seed(0)
-    net, x = OneDnnLstm(), torch.randn(4, 7, 6)
-    out = net(x)
-    if "MkldnnRnnLayerBackward0" not in {type(n).__name__ for n in _nodes(out)[0]}:
-        pytest.skip("this build of torch runs float32 LSTMs on the CPU without oneDNN")
-    params = list(net.parameters())
-    tangents = [torch.randn_like(p) for p in params]
-    names = [n for n, _ in net.named_parameters()]
-    with _onednn_off():
-        want = jvp(lambda *ps: functional_call(net, dict(zip(names, ps)), (x,)),
-                   tuple(p.detach() for p in params), tuple(tangents))[1]
-    assert want.abs().max() > 0.1
-    torch.testing.assert_close(graph_jvp(out, params, tangents), want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["sum", "mean", "max"])
@@ -759,38 +732,6 @@ def test_jvp_mode_reads_the_first_graph_where_its_record_fails():
     for got, later, w in zip(first, again, _meta_grads(student, teacher, "autograd")):
         torch.testing.assert_close(got, w, rtol=1e-10, atol=1e-13)
         torch.testing.assert_close(later, w, rtol=1e-10, atol=1e-13)
-
-
-class LstmStudent(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lstm = nn.LSTM(3, 8, batch_first=True)
-        self.out = nn.Linear(8, 4)
-
-    def forward(self, x):
-        return self.out(self.lstm(x[:, None].expand(-1, 5, -1).contiguous())[0].mean(1))
-
-
-def test_jvp_mode_through_a_float32_lstm_student():
-    """oneDNN's LSTM layer has neither a forward-mode rule (torch.func.jvp fails on it) nor a
-    double backward ("autograd" fails): the graph gives the meta-gradient, from the first step,
-    equal to "autograd" with oneDNN off to float32 rounding."""
-    torch.manual_seed(0)
-    student, teacher = LstmStudent(), nn.Linear(3, 4)
-    x, xq = torch.randn(2, 6, 3).unbind()
-    y, yq = torch.randint(0, 4, (2, 6)).unbind()
-
-    def meta_grads(mode):
-        return meta.meta_gradient(student, teacher(x), x, y, xq, yq, list(teacher.parameters()),
-                                  lr=0.2, mode=mode, temperature=2.0)["meta_grads"]
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message="kdops.meta")   # no second forward
-        got = meta_grads("jvp")
-    with _onednn_off():
-        want = meta_grads("autograd")
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
 
 
 def test_jvp_mode_falls_back_to_a_second_forward_with_a_warning():

@@ -11,25 +11,26 @@ microseconds each, which bind a GPU's host), this reads about a hundred nodes on
 
 It covers the operators of convolutional, multilayer-perceptron and sequence students:
 convolutions and matrix products, batch, layer and group norms, pooling and upsampling,
-attention (its fused kernels without dropout, and its math path), recurrent layers as the CPU
-runs them (oneDNN's LSTM layer through its decomposed recurrence; cuDNN's fused RNNs aside),
-softmax, embeddings and bags of them, splits, concatenations and stacks, indexing, slicing,
-padding and shuffles, masks, reductions, dtype casts (autocast's), dropout, activations and
-elementwise math (`NODES`). A graph with any other node, or whose saved tensors were changed in
-place or freed (autograd's own checks), raises `UnsupportedForward`; `readable(output)` says
-beforehand whether every node is covered (two refusals come only on reading: an elementwise
-node's input broadcast to its output's shape, and a tangent of embedding_bag's per-sample
-weights). Tensors that require grad but are not sources are held constant (zero tangent).
+attention (its fused kernels without dropout, and its math path), recurrent layers (as the CPU
+decomposes them, and the fused ones of oneDNN and cuDNN: `recurrent`), softmax, embeddings and
+bags of them, splits, concatenations and stacks, indexing, slicing, padding and shuffles, masks,
+reductions, dtype casts (autocast's), dropout, activations and elementwise math (`NODES`). A
+graph with any other node, or whose saved tensors were changed in place or freed (autograd's own
+checks), raises `UnsupportedForward`; `readable(output)` says beforehand whether every node is
+covered (some refusals come only on reading: an elementwise node's input broadcast to its
+output's shape, a tangent of embedding_bag's per-sample weights, cuDNN's RNN with dropout
+between its layers or over a packed sequence). Tensors that require grad but are not sources are
+held constant (zero tangent).
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
-from .tangent import UnsupportedForward, _forward_ad, _shaped
+from .recurrent import cudnn_rnn, onednn_lstm_layer, read_cudnn_rnn
+from .tangent import UnsupportedForward, _shaped
 from .tangent_rules import RULES, _apply_to_tangent, _identity, _sum, aten
 
 
@@ -274,35 +275,6 @@ def _embedding_bag(args, targs, outs, meta, kwargs):
                                include_last_offset, padding_idx)[0]
 
 
-@contextlib.contextmanager
-def _onednn_off():
-    """oneDNN off, nothing else changed (torch.backends.mkldnn.flags also resets its
-    determinism and TF32 flags, with a warning)."""
-    enabled = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = enabled
-
-
-def _lstm_layer(args, targs, outs, meta, kwargs):
-    """oneDNN's LSTM layer (mkldnn_rnn_layer: one direction of one layer, time-major), which has
-    no forward-mode rule: the tangents of (output, h, c) by forward-mode autograd through the
-    same recurrence decomposed (aten's lstm with oneDNN off; the layer's primal runs again),
-    in reversed time for a backward direction."""
-    reverse = args[7]
-
-    def layer(x, w_ih, w_hh, b_ih, b_hh, h0, c0):
-        params = [w for w in (w_ih, w_hh, b_ih, b_hh) if w is not None]
-        out, h, c = aten.lstm.input(x.flip(0) if reverse else x, [h0[None], c0[None]], params,
-                                    b_ih is not None, 1, 0.0, False, False, False)
-        return out.flip(0) if reverse else out, h[0], c[0]
-
-    with _onednn_off():
-        return _forward_ad(layer, args[:7], targs[:7], {})
-
-
 def _glu(args, targs, outs, meta, kwargs):
     """glu(x) = a ⊙ σ(b), x = [a, b] halved along dim: da ⊙ σ(b) + a ⊙ σ(b)(1 − σ(b)) ⊙ db."""
     x, dim = args
@@ -388,9 +360,10 @@ NODES = {
          _dims([n._saved_padding_idx])[0], n._saved_result2, n._saved_result3), (None,), {})),
     "GluBackward0": _Node(_glu, (0,), lambda n: ((n._saved_self, _dims([n._saved_dim])[0]),
                                                  (None,), {})),
-    "MkldnnRnnLayerBackward0": _Node(_lstm_layer, (0, 1, 2, 3, 4, 5, 6), lambda n: (
+    "MkldnnRnnLayerBackward0": _Node(onednn_lstm_layer, (0, 1, 2, 3, 4, 5, 6), lambda n: (
         (n._saved_input, n._saved_weight0, n._saved_weight1, n._saved_weight2,
          n._saved_weight3, n._saved_hx_, n._saved_cx_, n._saved_reverse), (None,), {})),
+    "CudnnRnnBackward0": _Node(cudnn_rnn, None, read_cudnn_rnn),
     "SafeSoftmaxBackward0": _Node(_softmax, (0,), lambda n: (
         (None, _dims([n._saved_dim])[0]), (n._saved_result,), {})),
     "ReshapeAliasBackward0": _SHAPE_ONLY,
