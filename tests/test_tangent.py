@@ -185,21 +185,22 @@ class Elementwise(nn.Module):
 
 
 class Spatial(nn.Module):
-    """A group norm, a PReLU, upsamplings (nearest, nearest-exact, bilinear, bicubic), pixel
-    and channel shuffles, unfold and fold, adaptive max pooling, cumulative sums, triangles and
-    diagonals, and reductions over dims and over all (max, min, amax, amin, var, std, norms,
-    logsumexp, prod, with and without keepdim)."""
+    """A depthwise convolution, a group norm, a PReLU, upsamplings (nearest, nearest-exact,
+    bilinear, bicubic), pixel and channel shuffles, unfold and fold, adaptive max pooling,
+    cumulative sums, triangles and diagonals, and reductions over dims and over all (max,
+    min, amax, amin, var, std, norms, logsumexp, prod, with and without keepdim)."""
 
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.depthwise = nn.Conv2d(4, 4, 3, padding=1, groups=4)
         self.norm = nn.GroupNorm(2, 4)
         nn.init.uniform_(self.norm.weight, 0.5, 1.5)
         self.act = nn.PReLU(4)
         self.out = nn.Linear(4, 5)
 
     def forward(self, x):
-        h = self.act(self.norm(self.conv(x)))                              # [4, 4, 6, 6]
+        h = self.act(self.norm(self.depthwise(self.conv(x))))              # [4, 4, 6, 6]
         planes = [
             F.interpolate(h, scale_factor=1.7).mean((2, 3)),         # not 6 / 10
             F.interpolate(h, size=(5, 7), mode="nearest-exact").amax((2, 3)),
