@@ -47,18 +47,9 @@ def _keep_other(tracked, args):
 
 
 def _convolution(args, targs, outs, meta, kwargs):
-    """conv(x, w) + b is bilinear in (x, w): d = conv(dx, w) + conv(x, dw) + db. With both
-    tangents, one group and like dtypes, one convolution computes the sum: [dx, x] (stacked
-    along the channels) with [w, dw] (stacked along the weight's input channels: dim 1, or 0
-    for a transposed convolution). That is one library call where a GPU's host pays more per
-    call than the copies of the stacking cost."""
+    """conv(x, w) + b is bilinear in (x, w): d = conv(dx, w) + conv(x, dw) + db."""
     x, w, _, *rest = args
     dx, dw, db = targs[:3]
-    transposed, groups = rest[3], rest[5]
-    if (dx is not None and dw is not None and groups == 1 and dx.dtype == x.dtype
-            and dw.dtype == w.dtype):
-        return aten.convolution(torch.cat([dx, x], 1), torch.cat([w, dw], 0 if transposed else 1),
-                                db, *rest)
     terms = []
     if dx is not None:
         terms.append(aten.convolution(dx, w, None, *rest))
