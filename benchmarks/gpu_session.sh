@@ -9,7 +9,7 @@
 #              stripped, to $OUT (to carry next time: skipped when a build is already there)
 # gpu_tests    the GPU tests: Triton kernels against float64, 64-bit offsets, no host sync,
 #              the CUDA pilot kernels bit for bit against the CPU ones, one launch per direction,
-#              the tangent replay of kdops.meta on CUDA networks (cuDNN batch norm), the
+#              the tangent replay of kdops.meta on CUDA networks (cuDNN batch norm and RNNs), the
 #              meta steps, the kdops.compat adapters on CUDA logits
 # sanitize     compute-sanitizer memcheck over one run of each kernel (tests/sanitize_kernels.py)
 # bench_kd     benchmarks/bench_kd_loss_gpu.py (KDOPS_BENCH_SHAPES / _DTYPES pick a subset,
@@ -58,7 +58,8 @@ build() {
 
 gpu_tests() {
     python3 -m pytest -q -n 8 tests/test_triton.py tests/test_pilot.py tests/test_tangent.py \
-        tests/test_meta.py tests/test_compat.py --junitxml="$OUT/gpu-tests.xml"
+        tests/test_recurrent_tangent.py tests/test_meta.py tests/test_compat.py \
+        --junitxml="$OUT/gpu-tests.xml"
 }
 
 sanitize() {

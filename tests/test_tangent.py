@@ -749,6 +749,43 @@ def test_jvp_mode_falls_back_to_a_second_forward_with_a_warning():
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-13)
 
 
+class WeightedBag(nn.Module):
+    """Learnt per-sample weights of an embedding bag: neither the graph (its node does not keep
+    the table), the tape nor torch.func.jvp (embedding_bag has no forward-mode rule) serves.
+    `decomposed`: the same bags as a selection, a product and sums, which autograd
+    differentiates twice (embedding_bag's backward has no derivative)."""
+
+    def __init__(self, decomposed=False):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(10, 4))
+        self.weights = nn.Parameter(torch.rand(6))
+        self.out = nn.Linear(3, 4)
+        self.decomposed = decomposed
+
+    def forward(self, x):
+        indices = torch.tensor([1, 4, 4, 7, 0, 9])
+        if self.decomposed:
+            rows = self.table[indices] * self.weights[:, None]
+            bags = torch.stack([rows[:2].sum(0), rows[2:].sum(0)])
+        else:
+            bags = F.embedding_bag(indices, self.table, torch.tensor([0, 2]), mode="sum",
+                                   per_sample_weights=self.weights)
+        return self.out(x) + bags.sum(0)
+
+
+def test_jvp_mode_says_which_mode_serves_where_no_jvp_does():
+    torch.manual_seed(0)
+    student, teacher = WeightedBag().double(), nn.Linear(3, 4).double()
+    with pytest.warns(UserWarning, match="second forward"), pytest.raises(
+            NotImplementedError, match="(?s)_embedding_bag.*mode='finite_difference'"):
+        _meta_grads(student, teacher, "jvp")
+    got = _meta_grads(student, teacher, "finite_difference")
+    student.decomposed = True
+    for g, w in zip(got, _meta_grads(student, teacher, "autograd")):
+        assert w.abs().max() > 1e-3
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-9)
+
+
 @pytest.mark.parametrize("readable_graph", [True, False])
 def test_jvp_mode_reads_the_graph_once_a_record_showed_it_readable(readable_graph, monkeypatch):
     """The first "jvp" pilot forward is recorded; where its autograd graph is readable, the

@@ -25,7 +25,9 @@ meta-parameters) in one of three ways:
     F.scaled_dot_product_attention replays without dropout, or with the dropout of the math
     kernel (whose masks the graph and the record keep); a fused kernel's attention dropout
     cannot be replayed, and torch.func.jvp has no rule for those kernels: use "autograd" or
-    "finite_difference" there.
+    "finite_difference" there. The same holds for cuDNN's RNNs with dropout between layers
+    (their masks stay inside the kernel) and over packed sequences; without, they are read
+    (`recurrent`). Where torch.func.jvp fails too, NotImplementedError says so.
 ``"autograd"``: create_graph through the student's backward, the fused loss and the fused pilot
     step: the exact reference, at the cost of a second-order graph of the student.
 ``"finite_difference"``: z ≈ (s(θ + εu) − s(θ − εu)) / 2ε with ε = `fd_eps`/‖u‖ (DistPro's

@@ -140,7 +140,7 @@ def _student_jvp(student, names, theta, u, inputs, rng, mode, fd_eps, tape, s):
     (`graph_jvp`) where the student's graphs are readable, else replayed from its record
     (`TangentTape`), the first of which tells whether they are (its own graph is then read
     too: the record is the fallback). Where neither serves, torch.func.jvp of a second
-    forward."""
+    forward; where that fails too, NotImplementedError names "finite_difference"."""
     if mode == "jvp":
         if tape is not None and student not in _GRAPH_READABLE:
             _GRAPH_READABLE[student] = readable(s)
@@ -165,7 +165,13 @@ def _student_jvp(student, names, theta, u, inputs, rng, mode, fd_eps, tape, s):
 
     with frozen_batch_norm_stats(student):
         if mode == "jvp":
-            return jvp(logits, primals, tuple(u))[1]
+            try:
+                return jvp(logits, primals, tuple(u))[1]
+            except NotImplementedError as e:
+                raise NotImplementedError(
+                    f"kdops.meta: mode='jvp' has no forward-mode derivative of this student: "
+                    f"torch.func.jvp fails too ({str(e).splitlines()[0]}); "
+                    f"mode='finite_difference' needs none") from e
         with torch.no_grad():
             norm = torch.sqrt(sum((d.double() ** 2).sum() for d in u))
             eps = fd_eps / norm.clamp_min(1e-30)           # a tensor: no host sync
