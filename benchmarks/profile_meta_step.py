@@ -38,7 +38,9 @@ class _PhaseMarks:
 
 
 def _operator(event):
-    return "::" in event.name           # aten::, kdops::, autograd::engine::evaluate_function
+    """aten::, kdops::, autograd::engine::evaluate_function on the host (kernels have names
+    with "::" too)."""
+    return event.device_type == torch.autograd.DeviceType.CPU and "::" in event.name
 
 
 def _top_level(event):
