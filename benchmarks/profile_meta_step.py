@@ -63,7 +63,8 @@ def _profile(impl, args, steps):
             IMPLS[impl](*args, _PhaseMarks())
             synchronize()
     events = list(prof.events())
-    phases = [e for e in events if e.name.startswith("phase:")]
+    phases = [e for e in events if e.name.startswith("phase:")        # not the GPU's copy
+              and e.device_type == torch.autograd.DeviceType.CPU]
     top = [e for e in events if _top_level(e)]
     table = collections.defaultdict(list)
     per_op = collections.defaultdict(lambda: [0, 0.0])
