@@ -38,8 +38,8 @@ class _PhaseMarks:
 
 
 def _operator(event):
-    """aten::, kdops::, autograd::engine::evaluate_function on the host (kernels have names
-    with "::" too)."""
+    """A host event of an operator: aten::, kdops::, autograd::engine::evaluate_function (a
+    kernel's name has "::" too)."""
     return event.device_type == torch.autograd.DeviceType.CPU and "::" in event.name
 
 
@@ -54,8 +54,8 @@ def _top_level(event):
 
 
 def _profile(impl, args, steps):
-    """(per phase: lists over steps of wall, ops, op_cpu, glue and gpu in ms; per operator
-    name: [count, host µs] summed over the steps)."""
+    """(per phase: the medians over the steps of wall_ms, ops, op_cpu_ms, glue_ms and gpu_ms;
+    per operator name: its count and host ms per step, most host time first)."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE.type == "cuda"
                                            else [])
     with profile(activities=activities) as prof:

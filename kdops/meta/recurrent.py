@@ -1,4 +1,4 @@
-"""Tangents of the fused recurrent layers (oneDNN's LSTM layer, cuDNN's RNNs) for `graph_tangent`.
+"""Tangents of the fused recurrent layers (oneDNN's LSTM layer, cuDNN's RNNs), for graph_tangent.
 
 Neither fused kernel has a forward-mode rule. Their nodes keep the input, the weights and the
 initial state, which is all the recurrence needs: the tangents come from forward-mode autograd
@@ -92,15 +92,15 @@ def cudnn_rnn(args, targs, outs, meta, kwargs):
         seq = x.transpose(0, 1) if batch_first else x
         hs, cs = [], []
         for layer in range(layers):
-            outs = []
+            ys = []
             for d in range(directions):
                 j = layer * directions + d
                 y, h, c = _direction(mode, seq, hx[j], None if cx is None else cx[j],
                                      weights[j * per:(j + 1) * per], reverse=d == 1)
-                outs.append(y)
+                ys.append(y)
                 hs.append(h)
                 cs.append(c)
-            seq = torch.cat(outs, -1)
+            seq = torch.cat(ys, -1)
         return (seq.transpose(0, 1) if batch_first else seq, torch.stack(hs),
                 None if cx is None else torch.stack(cs))
 
