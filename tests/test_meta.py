@@ -209,3 +209,58 @@ def test_bad_mode_raises():
     with pytest.raises(ValueError, match="recompute_student"):
         meta.meta_gradient(student, teacher(x), x, y, xq, yq, list(teacher.parameters()),
                            lr=0.1, mode="autograd", recompute_student=True)
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def _graphed(step):
+    """A CUDA graph of one call of `step`, after three eager calls on a side stream (the
+    warm-up capture needs: lazily made state such as momentum buffers, kernel compilation)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph
+
+
+def _cuda_step_args(recompute=False):
+    student, teacher = (net.cuda() for net in nets("cnn"))
+    s_opt = torch.optim.SGD(student.parameters(), lr=0.2, momentum=0.9, weight_decay=1e-3)
+    t_opt = torch.optim.SGD(teacher.parameters(), lr=0.1)
+    return student, teacher, s_opt, t_opt, *(t.cuda() for t in batches("cnn", seed=5))
+
+
+@CUDA
+def test_jvp_metadistil_step_replays_from_a_cuda_graph():
+    """Captured once, a "jvp" step (the student's graph read, the loss' Triton kernels, the
+    pilot step's kernel, both optimizers) replays as eager steps run: the parameters and
+    BatchNorm statistics of both networks agree after two of each."""
+    args = _cuda_step_args()
+
+    def step(*a):
+        meta.metadistil_step(*a, temperature=3.0, alpha=0.5)
+
+    graph = _graphed(lambda: step(*args))
+    twin = copy.deepcopy(args[:4]) + args[4:]
+    before = copy.deepcopy(args[1].state_dict())
+    for _ in range(2):
+        graph.replay()
+        step(*twin)
+    assert not torch.equal(args[1].state_dict()["0.weight"], before["0.weight"])
+    for net, other in zip(args[:2], twin[:2]):
+        for (name, a), b in zip(net.state_dict().items(), other.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+
+
+@CUDA
+def test_capture_refuses_a_second_student_forward():
+    """Its dropout masks would need the CUDA generators' state, which capture does not give."""
+    args = _cuda_step_args()
+    with pytest.raises(RuntimeError, match="inside CUDA graph capture"):
+        _graphed(lambda: meta.metadistil_step(*args, recompute_student=True, temperature=3.0))

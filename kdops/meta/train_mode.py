@@ -26,14 +26,22 @@ def frozen_batch_norm_stats(module: nn.Module):
 
 
 class _ReplayRng:
-    """Captures the RNG state now; `replay()` restores it inside a block (same dropout masks)."""
+    """Captures the RNG state now; `replay()` restores it inside a block (same dropout masks).
+    During CUDA graph capture the CUDA generators' state can be neither read nor set: there
+    `replay()` raises."""
 
     def __init__(self):
         self.cpu = torch.random.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        self.capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        self.cuda = (torch.cuda.get_rng_state_all()
+                     if torch.cuda.is_initialized() and not self.capturing else None)
 
     @contextlib.contextmanager
     def replay(self):
+        if self.capturing:
+            raise RuntimeError("kdops.meta: a second forward of the student with the pilot's "
+                               "dropout masks (recompute_student, finite differences, a JVP "
+                               "by torch.func.jvp) cannot run inside CUDA graph capture")
         devices = list(range(len(self.cuda))) if self.cuda is not None else []
         with torch.random.fork_rng(devices=devices):
             torch.random.set_rng_state(self.cpu)

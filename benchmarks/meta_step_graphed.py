@@ -1,0 +1,111 @@
+"""The MetaDistil step captured in a CUDA graph: replays against eager steps (CUDA only).
+
+    python benchmarks/meta_step_graphed.py --rounds 40 --json out.json
+
+On a GPU both steps of bench_meta_step.py's CIFAR case (ResNet-56 → ResNet-20, batch 64) are
+bound by the host's work per operator (benchmarks/profile_meta_step.py): the GPU idles most of
+the step. A CUDA graph replays a captured step's kernels without that work, as training loops
+with static shapes do (torch.cuda.graph; the networks, optimizers and batch tensors stay put,
+new batches are copied into the captured ones). For plain create_graph code and kdops "jvp",
+each: three eager steps on a side stream (warm-up, as capture requires), the capture of one,
+then a check that three replays give the parameters three eager steps give from the same
+state, then `--rounds` rounds timing an eager step and a replay of each, interleaved. Medians
+in ms, and the ratios of plain's to kdops' time, eager and replayed.
+"""
+import argparse
+import contextlib
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_meta_step import IMPLS, _setup, _step_args  # noqa: E402
+from measure import DEVICE_NAME, git_sha  # noqa: E402
+
+STEPS = ("plain", "kdops_jvp")
+
+
+def _untimed(name):
+    return contextlib.nullcontext()
+
+
+def _captured(impl, args):
+    """(a CUDA graph of one step of `impl` on `args`, after three eager warm-up steps)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            IMPLS[impl](*args, _untimed)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        IMPLS[impl](*args, _untimed)
+    return graph
+
+
+def _check_replays(impl, graph, args):
+    """Three replays give the parameters of three eager steps from the same state (float32 and
+    TF32 rounding: bench_meta_step.py's tolerance)."""
+    eager = copy.deepcopy(args[:4]) + args[4:]
+    for _ in range(3):
+        graph.replay()
+        IMPLS[impl](*eager, _untimed)
+    for net, twin in zip(args[:2], eager[:2]):
+        for (name, a), b in zip(net.named_parameters(), twin.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"{impl}: {name}")
+
+
+def _timed(fn):
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def measure(rounds: int) -> dict:
+    student, teacher, batch = _setup("cifar")
+    student, teacher = student.cuda(), teacher.cuda()
+    batch = tuple(b.cuda() for b in batch)
+    runs = {}
+    for impl in STEPS:
+        args = _step_args(student, teacher, batch)
+        graph = _captured(impl, args)
+        _check_replays(impl, graph, args)
+        runs[impl] = (args, graph)
+    times = {f"{impl}/{how}": [] for impl in STEPS for how in ("eager", "graph")}
+    for _ in range(rounds):
+        for impl, (args, graph) in runs.items():
+            times[f"{impl}/eager"].append(_timed(lambda: IMPLS[impl](*args, _untimed)))
+            times[f"{impl}/graph"].append(_timed(graph.replay))
+    medians = {k: round(statistics.median(v) * 1e3, 3) for k, v in times.items()}
+    return dict(medians_ms=medians,
+                plain_over_kdops_eager=round(medians["plain/eager"] / medians["kdops_jvp/eager"],
+                                             3),
+                plain_over_kdops_graph=round(medians["plain/graph"] / medians["kdops_jvp/graph"],
+                                             3))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    result = measure(args.rounds)
+    for name, ms in result["medians_ms"].items():
+        print(f"{name:18s} {ms:10.3f} ms")
+    for key in ("plain_over_kdops_eager", "plain_over_kdops_graph"):
+        print(f"{key}: {result[key]}")
+    if args.json:
+        info = dict(case="cifar", rounds=args.rounds, device=DEVICE_NAME,
+                    torch=torch.__version__, git_sha=git_sha(), **result)
+        Path(args.json).write_text(json.dumps(info, indent=1))
+
+
+if __name__ == "__main__":
+    main()
