@@ -260,7 +260,7 @@ def test_jvp_metadistil_step_replays_from_a_cuda_graph():
 
 @CUDA
 def test_capture_refuses_a_second_student_forward():
-    """Its dropout masks would need the CUDA generators' state, which capture does not give."""
+    """Replaying its dropout masks would set the CUDA generators' state while capturing."""
     args = _cuda_step_args()
     with pytest.raises(RuntimeError, match="inside CUDA graph capture"):
         _graphed(lambda: meta.metadistil_step(*args, recompute_student=True, temperature=3.0))

@@ -27,8 +27,8 @@ def frozen_batch_norm_stats(module: nn.Module):
 
 class _ReplayRng:
     """Captures the RNG state now; `replay()` restores it inside a block (same dropout masks).
-    During CUDA graph capture the CUDA generators' state can be neither read nor set: there
-    `replay()` raises."""
+    During CUDA graph capture the CUDA generators are left alone and `replay()` raises: setting
+    their state while capturing is not known to give a captured forward the same masks."""
 
     def __init__(self):
         self.cpu = torch.random.get_rng_state()
