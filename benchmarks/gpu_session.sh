@@ -3,7 +3,7 @@
 #
 #   OUT=/tmp/kdops-gpu KDOPS_GIT_SHA=$(git rev-parse HEAD) \
 #       bash benchmarks/gpu_session.sh build gpu_tests sanitize bench_kd bench_pilot bench_meta \
-#       bench_jvp bench_compat floor_meta profile_meta
+#       bench_jvp bench_compat floor_meta profile_meta graphed_meta
 #
 # build        compiles kdops._C with the CUDA kernels for sm_90 in place and copies it,
 #              stripped, to $OUT (to carry next time: skipped when a build is already there)
@@ -20,6 +20,7 @@
 # bench_compat benchmarks/bench_compat.py on the GPU (KDOPS_BENCH_COMPAT_SHAPES picks the shapes)
 # floor_meta   benchmarks/meta_step_floor.py cifar, 40 rounds: plain, kdops "jvp" and the floor
 # profile_meta benchmarks/profile_meta_step.py cifar: host and device time per phase
+# graphed_meta benchmarks/meta_step_graphed.py: eager steps and CUDA-graph replays, 60 rounds
 #
 # Every stage's output goes to $OUT/session.log, pytest-benchmark JSON to $OUT/<gpu>-*.json
 # with the git sha in its commit_info (the device copy of the tree has no .git). Liger-Kernel
@@ -85,6 +86,9 @@ floor_meta() {
 }
 profile_meta() {
     python3 benchmarks/profile_meta_step.py cifar --json "$OUT/$GPU-meta_step-profile-cifar.json"
+}
+graphed_meta() {
+    python3 benchmarks/meta_step_graphed.py --rounds 60 --json "$OUT/$GPU-meta_step-graphed.json"
 }
 
 {

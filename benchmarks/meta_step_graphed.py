@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_meta_step import IMPLS, _setup, _step_args  # noqa: E402
-from measure import DEVICE_NAME, git_sha  # noqa: E402
+from measure import git_sha  # noqa: E402
 
 STEPS = ("plain", "kdops_jvp")
 
@@ -109,6 +109,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("CUDA graphs need a CUDA device")
     result = measure(args.rounds)
     for name, ms in result["medians_ms"].items():
         print(f"{name:18s} {ms:10.3f} ms")
@@ -116,7 +118,7 @@ def main():
                 "plain_over_kdops_graph"):
         print(f"{key}: {result[key]}")
     if args.json:
-        info = dict(case="cifar", rounds=args.rounds, device=DEVICE_NAME,
+        info = dict(case="cifar", rounds=args.rounds, device=torch.cuda.get_device_name(),
                     torch=torch.__version__, git_sha=git_sha(), **result)
         Path(args.json).write_text(json.dumps(info, indent=1))
 
