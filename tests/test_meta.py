@@ -264,3 +264,28 @@ def test_capture_refuses_a_second_student_forward():
     args = _cuda_step_args()
     with pytest.raises(RuntimeError, match="inside CUDA graph capture"):
         _graphed(lambda: meta.metadistil_step(*args, recompute_student=True, temperature=3.0))
+
+
+@CUDA
+def test_jvp_mkd_step_replays_from_a_cuda_graph():
+    """Captured once, an MKD step (the temperature's optimizer an Adam with capturable=True, as
+    capture needs) replays as eager steps run."""
+    x, y, xq, yq = (t.cuda() for t in batches("mlp", seed=4))
+    temperature = kdops.LearnableTemperature(4.0, per_sample=True, num_classes=CLASSES)
+    args = (mlp(0).cuda(), mlp(1).cuda(), temperature.double().cuda())
+    args += (torch.optim.SGD(args[0].parameters(), lr=0.2),
+             torch.optim.Adam(args[2].parameters(), lr=0.05, capturable=True))
+
+    def step(*a):
+        meta.mkd_step(*a, x, y, xq, yq, alpha=0.5, pilot_lr=0.05)
+
+    graph = _graphed(lambda: step(*args))
+    twin = copy.deepcopy(args)
+    before = copy.deepcopy(args[2].state_dict())
+    for _ in range(2):
+        graph.replay()
+        step(*twin)
+    assert not torch.equal(args[2].rho, before["rho"])
+    for net, other in ((args[0], twin[0]), (args[2], twin[2])):
+        for (name, a), b in zip(net.state_dict().items(), other.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
