@@ -267,6 +267,7 @@ def test_capture_refuses_a_second_student_forward():
 
 
 @CUDA
+@pytest.mark.filterwarnings("ignore:This instance was constructed with capturable=True")
 def test_jvp_mkd_step_replays_from_a_cuda_graph():
     """Captured once, an MKD step (the temperature's optimizer an Adam with capturable=True, as
     capture needs) replays as eager steps run."""

@@ -44,12 +44,13 @@ Train-mode subtleties: dropout draws the same masks in every forward of the stud
 RNG state is replayed), and BatchNorm uses batch statistics in the JVP, finite-difference and
 quiz forwards without touching the running statistics, which the pilot forward updates once.
 
-CUDA graphs: a "jvp" `metadistil_step` whose student's graph is readable issues no host sync
-and can be captured with torch.cuda.graph after a few eager steps (static shapes; new batches
-copied into the captured tensors), as a whole training step is. What the host reads at capture
-(learning rates, Python-number temperatures) stays fixed in the graph. A step that needs a
-second student forward with the pilot's dropout masks (`recompute_student`, "finite_difference",
-the torch.func.jvp fallback) raises during capture.
+CUDA graphs: a "jvp" `metadistil_step` or `mkd_step` whose student's graph is readable issues
+no host sync and can be captured with torch.cuda.graph after a few eager steps (static shapes;
+new batches copied into the captured tensors), as a whole training step is; optimizers that
+keep step counts need `capturable=True` (Adam's, say). What the host reads at capture (learning
+rates, Python-number temperatures) stays fixed in the graph. A step that needs a second student
+forward with the pilot's dropout masks (`recompute_student`, "finite_difference", the
+torch.func.jvp fallback) raises during capture.
 """
 from .gradient import MODES, meta_gradient
 from .steps import metadistil_step, mkd_step, sgd_settings
