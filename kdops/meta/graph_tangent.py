@@ -75,6 +75,15 @@ def _window(n):
                               n._saved_stride)]
 
 
+def _biased_attention(func):
+    """The node of CUDA's memory-efficient or cuDNN attention: (q, k, v, bias,
+    compute_log_sumexp, dropout_p, is_causal, scale=). Three edges where the bias is not
+    differentiable, four where it is: edges zip to the first."""
+    return _of(func, (0, 1, 2, 3), lambda n: (
+        (n._saved_query, n._saved_key, n._saved_value, n._saved_attn_bias, True,
+         n._saved_dropout_p, n._saved_is_causal), (None,), {"scale": n._saved_scale}))
+
+
 def _convolution(n):
     """convolution: (input, weight, bias, stride, padding, dilation, transposed,
     output_padding, groups); the bias's value is not needed."""
@@ -396,8 +405,6 @@ NODES = {
     "NativeGroupNormBackward0": _Node(_group_norm, (0, 1, 2), lambda n: (
         (n._saved_input, n._saved_weight, n._saved_result1, n._saved_result2, n._saved_N,
          n._saved_C, n._saved_HxW, n._saved_group), (None,), {})),
-    "AdaptiveMaxPool2DBackward0": _Node(_max_pool, (0,), lambda n: (
-        (None,), (None, n._saved_result1), {})),
     "UpsampleNearest2DBackward0": _upsampling(aten.upsample_nearest2d.default, False),
     "UpsampleNearestExact2DBackward0": _upsampling(aten._upsample_nearest_exact2d.default,
                                                    False),
@@ -431,21 +438,18 @@ NODES = {
         aten._scaled_dot_product_flash_attention.default, (0, 1, 2), lambda n: (
             (n._saved_query, n._saved_key, n._saved_value, n._saved_dropout_p,
              n._saved_is_causal), (None,), {"scale": n._saved_scale})),
-    # Three edges where the bias is not differentiable, four where it is: edges zip to the first.
-    "ScaledDotProductEfficientAttentionBackward0": _of(
-        aten._scaled_dot_product_efficient_attention.default, (0, 1, 2, 3), lambda n: (
-            (n._saved_query, n._saved_key, n._saved_value, n._saved_attn_bias, True,
-             n._saved_dropout_p, n._saved_is_causal), (None,), {"scale": n._saved_scale})),
-    "ScaledDotProductCudnnAttentionBackward0": _of(
-        aten._scaled_dot_product_cudnn_attention.default, (0, 1, 2, 3), lambda n: (
-            (n._saved_query, n._saved_key, n._saved_value, n._saved_attn_bias, True,
-             n._saved_dropout_p, n._saved_is_causal), (None,), {"scale": n._saved_scale})),
+    "ScaledDotProductEfficientAttentionBackward0": _biased_attention(
+        aten._scaled_dot_product_efficient_attention.default),
+    "ScaledDotProductCudnnAttentionBackward0": _biased_attention(
+        aten._scaled_dot_product_cudnn_attention.default),
 }
 
-# An in-place transpose and the unsafe splits of the CPU's recurrent layers: their twins' reads.
+# An in-place transpose and the unsafe splits of the CPU's recurrent layers, and adaptive max
+# pooling (indices flat in each plane too): their twins' reads.
 NODES.update({"TransposeBackward1": NODES["TransposeBackward0"],
               "UnsafeSplitBackward0": NODES["SplitBackward0"],
-              "UnsafeSplitWithSizesBackward0": NODES["SplitWithSizesBackward0"]})
+              "UnsafeSplitWithSizesBackward0": NODES["SplitWithSizesBackward0"],
+              "AdaptiveMaxPool2DBackward0": NODES["MaxPool2DWithIndicesBackward0"]})
 
 # Reductions over dims, each element of the input feeding one of the output (_reduction).
 NODES.update(dict.fromkeys(
