@@ -755,12 +755,12 @@ class WeightedBag(nn.Module):
     `decomposed`: the same bags as a selection, a product and sums, which autograd
     differentiates twice (embedding_bag's backward has no derivative)."""
 
-    def __init__(self, decomposed=False):
+    def __init__(self):
         super().__init__()
         self.table = nn.Parameter(torch.randn(10, 4))
         self.weights = nn.Parameter(torch.rand(6))
         self.out = nn.Linear(3, 4)
-        self.decomposed = decomposed
+        self.decomposed = False
 
     def forward(self, x):
         indices = torch.tensor([1, 4, 4, 7, 0, 9])
