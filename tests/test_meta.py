@@ -211,6 +211,30 @@ def test_bad_mode_raises():
                            lr=0.1, mode="autograd", recompute_student=True)
 
 
+
+def test_frozen_batch_norm_stats_uses_batch_statistics_and_restores_the_buffers():
+    net = nn.Sequential(cnn(0), nn.BatchNorm1d(CLASSES).double())
+    x = batches("cnn")[0]
+    net(x)                                    # the running statistics move off their start
+    layers = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+    before = [[m.running_mean, m.running_var, m.num_batches_tracked] for m in layers]
+    values = [[b.clone() for b in bufs] for bufs in before]
+    want = net(x).detach()                    # train mode: batch statistics
+    for bufs, vals in zip(before, values):    # that forward moved them: put them back
+        for b, v in zip(bufs, vals):
+            b.copy_(v)
+    with pytest.raises(KeyError), meta.frozen_batch_norm_stats(net):
+        torch.testing.assert_close(net(x), want, rtol=0, atol=0)
+        assert all(m.running_mean is None and m.num_batches_tracked is None for m in layers)
+        raise KeyError("the block fails: the buffers still come back")
+    for m, bufs, vals in zip(layers, before, values):
+        after = [m.running_mean, m.running_var, m.num_batches_tracked]
+        assert all(a is b for a, b in zip(after, bufs))
+        for a, v in zip(after, vals):
+            torch.testing.assert_close(a, v, rtol=0, atol=0)
+    assert set(net.state_dict()) == {k for k, _ in net.named_buffers()} | {
+        k for k, _ in net.named_parameters()}
+
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 
