@@ -22,7 +22,8 @@ interleaves them instead (one step of each in turn, `--rounds` times), so that a
 noisy host falls on all of them alike, and writes the medians to a JSON file.
 
 Each case records in extra_info the mean seconds of each phase of a step over the timed rounds
-(pilot, quiz, meta_gradient, teacher_update, real_step; the timer synchronizes CUDA) and one
+(pilot, quiz, student_jvp in kdops' graph-free modes, meta_gradient, teacher_update,
+real_step; the timer synchronizes CUDA) and one
 step's peak memory beyond its inputs (MiB: the CUDA allocator's peak on a GPU, peak RSS on a
 Linux CPU).
 """

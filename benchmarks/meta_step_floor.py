@@ -19,7 +19,9 @@ against the updated teacher) must run at least these passes:
 The student's JVP along the quiz gradient, or whatever replaces it, counts as free here. The
 sum of these passes, timed round by round interleaved with the plain create_graph step and
 kdops' "jvp" step (so that a noisy host's slow spells fall on all alike), bounds what any exact
-implementation can gain over the plain step: plain / floor. Medians over the rounds.
+implementation can gain over the plain step: plain / floor. Medians over the rounds, and of
+each step's phases (`kdops.meta.PhaseTimer`): set beside the passes, they show where a step
+spends beyond the floor.
 """
 import argparse
 import json
@@ -85,11 +87,14 @@ def measure(case: str, rounds: int) -> dict:
     steps = {name: _step_args(student, teacher, batch) for name in STEPS}
     passes = _passes(*_step_args(student, teacher, batch)[:2], *batch)
     times = {name: [] for name in (*STEPS, *passes, "floor")}
+    phases = {name: [] for name in STEPS}
     for k in range(rounds + 1):                      # the first round warms up
         for name, args in steps.items():
-            t = _timed(lambda: IMPLS[name](*args, meta.PhaseTimer()))
+            timer = meta.PhaseTimer()
+            t = _timed(lambda: IMPLS[name](*args, timer))
             if k:
                 times[name].append(t)
+                phases[name].append(timer.seconds)
         floor = 0.0
         for name, fn in passes.items():
             t = _timed(fn)
@@ -99,7 +104,9 @@ def measure(case: str, rounds: int) -> dict:
         if k:
             times["floor"].append(floor)
     medians = {name: round(statistics.median(ts) * 1e3, 3) for name, ts in times.items()}
-    return dict(medians_ms=medians,
+    phase_ms = {name: {k: round(statistics.median(p[k] for p in ps) * 1e3, 3) for k in ps[0]}
+                for name, ps in phases.items()}
+    return dict(medians_ms=medians, phase_ms=phase_ms,
                 plain_over_floor=round(medians["plain"] / medians["floor"], 3),
                 plain_over_kdops_jvp=round(medians["plain"] / medians["kdops_jvp"], 3),
                 kdops_jvp_over_floor=round(medians["kdops_jvp"] / medians["floor"], 3))
@@ -114,6 +121,8 @@ def main():
     result = measure(args.case, args.rounds)
     for name, ms in result["medians_ms"].items():
         print(f"{name:12s} {ms:10.2f} ms")
+    for name, phase_ms in result["phase_ms"].items():
+        print(f"{name} by phase (ms): {phase_ms}")
     for key in ("plain_over_floor", "plain_over_kdops_jvp", "kdops_jvp_over_floor"):
         print(f"{key}: {result[key]}")
     if args.json:

@@ -3,8 +3,8 @@
     KDOPS_BENCH_DEVICE=cuda python benchmarks/profile_meta_step.py cifar --json out.json
 
 For bench_meta_step.py's implementations (plain and kdops "jvp" by default), after a warm-up
-step, profiles `--steps` steps and reports per phase (pilot, quiz, meta_gradient,
-teacher_update, real_step), as medians over the steps:
+step, profiles `--steps` steps and reports per phase (pilot, quiz, student_jvp for kdops' "jvp"
+mode, meta_gradient, teacher_update, real_step), as medians over the steps:
   wall_ms    the phase's time under the profiler (which adds its own per-operator cost)
   ops        operators (aten::, kdops::, the autograd engine's nodes) at top level, not inside
              another operator, on any thread

@@ -72,6 +72,8 @@ def test_floor_scripts_run():
     parts = ("teacher", "teacher_new", "student", "quiz")
     assert set(meta["medians_ms"]) == {"plain", "kdops_jvp", "floor", *parts}
     assert all(meta["medians_ms"][k] > 0 for k in parts)
+    assert "student_jvp" in meta["phase_ms"]["kdops_jvp"]
+    assert "meta_gradient" in meta["phase_ms"]["plain"]
     pilot = run_script("pilot_autograd_floor.py", "--rounds", "2")
     assert set(pilot["medians_us"]) == {"make_grads"} | {
         f"{impl}/{how}" for impl in ("kdops", "loop", "nothing_python_function",
@@ -83,8 +85,8 @@ def test_profile_script_runs():
     """Every phase of both steps is profiled, and the operators it counts are there."""
     out = run_script("profile_meta_step.py", "digits_mlp", "--steps", "2")
     phases = {"pilot", "quiz", "meta_gradient", "teacher_update", "real_step"}
-    for impl in ("plain", "kdops_jvp"):
-        assert set(out["results"][impl]["phases"]) == phases
+    for impl, extra in (("plain", set()), ("kdops_jvp", {"student_jvp"})):
+        assert set(out["results"][impl]["phases"]) == phases | extra
         assert all(row["ops"] > 0 and row["wall_ms"] > 0
                    for row in out["results"][impl]["phases"].values())
     # the demo's MLPs, 3 layers in the teacher and 2 in the student: the pilot's forwards of

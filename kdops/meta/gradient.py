@@ -100,12 +100,13 @@ def meta_gradient(student: nn.Module, teacher_logits: Tensor, inputs, labels: Te
     with phase("quiz"):
         quiz = _quiz(student, dict(zip(names, fast)), quiz_inputs, quiz_labels, quiz_loss)
         u = torch.autograd.grad(quiz, fast)
-    with phase("meta_gradient"):
+    with phase("student_jvp"):
         if recompute_student:         # the pilot's forward again: same masks and statistics
             with rng.replay(), frozen_batch_norm_stats(student):
                 s, tape = _forward(student, inputs, theta, mode == "jvp")
         z = _student_jvp(student, names, theta, u, inputs, rng, mode, fd_eps, tape, s)
         del tape
+    with phase("meta_gradient"):
         # θ' = θ − lr·(K·g + terms free of the meta-parameters): K, the step's factor on g.
         m = None if isinstance(momentum, (int, float)) and momentum == 0 else momentum
         factor = step_coefficients(m, dampening, nesterov, momentum_buffers is not None)[0]

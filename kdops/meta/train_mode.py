@@ -58,9 +58,10 @@ class _ReplayRng:
 
 
 class PhaseTimer:
-    """Wall time per phase of meta steps ("pilot", "quiz", "meta_gradient", "teacher_update",
-    "real_step"), accumulated in `seconds`; CUDA is synchronized around each phase. Pass one
-    as `timer=` to `meta_gradient`, `metadistil_step` or `mkd_step` (benchmarks do)."""
+    """Wall time per phase of meta steps ("pilot", "quiz", "student_jvp" in the graph-free
+    modes, "meta_gradient", "teacher_update", "real_step"), accumulated in `seconds`; CUDA is
+    synchronized around each phase. Pass one as `timer=` to `meta_gradient`,
+    `metadistil_step` or `mkd_step` (benchmarks do)."""
 
     def __init__(self):
         self.seconds = {}
