@@ -5,13 +5,13 @@
 On a GPU both steps of bench_meta_step.py's CIFAR case (ResNet-56 → ResNet-20, batch 64) are
 bound by the host's work per operator (benchmarks/profile_meta_step.py): the GPU idles most of
 the step. A CUDA graph replays a captured step's kernels without that work, as training loops
-with static shapes do (torch.cuda.graph; the networks, optimizers and batch tensors stay put,
-new batches are copied into the captured ones). For plain create_graph code and kdops "jvp",
-each: three eager steps on a side stream (warm-up, as capture requires), the capture of one;
-the relative difference of the parameters after three replays and after three eager steps
-from the same state (beside the same between two eager runs); then `--rounds` rounds timing an
-eager step and a replay of each, interleaved. Medians in ms, and the ratios of plain's to
-kdops' time, eager and replayed.
+with static shapes do: `kdops.meta.CapturedStep` (the networks and optimizers stay put, each
+batch is copied into the captured step's inputs). For plain create_graph code and kdops "jvp",
+each wrapped in one: its three eager warm-up calls and the call that captures; the relative
+difference of the parameters after three replays and after three eager steps from the same
+state (beside the same between two eager runs); then `--rounds` rounds timing an eager step and
+a replayed call of each (the batch's copy included), interleaved. Medians in ms, and the
+ratios of plain's to kdops' time, eager and replayed.
 """
 import argparse
 import contextlib
@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from kdops.meta import CapturedStep
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_meta_step import IMPLS, _setup, _step_args  # noqa: E402
@@ -36,17 +38,13 @@ def _untimed(name):
 
 
 def _captured(impl, args):
-    """(a CUDA graph of one step of `impl` on `args`, after three eager warm-up steps)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            IMPLS[impl](*args, _untimed)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        IMPLS[impl](*args, _untimed)
-    return graph
+    """A CapturedStep of `impl` on `args`' networks and optimizers, warmed up and captured on
+    `args`' batch."""
+    step = CapturedStep(lambda *batch: IMPLS[impl](*args[:4], *batch, _untimed),
+                        optimizers=args[2:4])
+    for _ in range(4):
+        step(*args[4:])
+    return step
 
 
 def _relative_difference(nets, others):
@@ -58,13 +56,13 @@ def _relative_difference(nets, others):
             / sum((b ** 2).sum() for _, b in pairs).sqrt()).item()
 
 
-def _replay_differences(impl, graph, args):
+def _replay_differences(impl, step, args):
     """(after three replays and three eager steps from the same state, the relative difference
     of the parameters; the same between two eager runs, the rounding of the nondeterministic
     kernels)."""
     eager, again = (copy.deepcopy(args[:4]) + args[4:] for _ in range(2))
     for _ in range(3):
-        graph.replay()
+        step(*args[4:])
         IMPLS[impl](*eager, _untimed)
         IMPLS[impl](*again, _untimed)
     return (_relative_difference(args[:2], eager[:2]),
@@ -86,14 +84,14 @@ def measure(rounds: int) -> dict:
     runs, differences = {}, {}
     for impl in STEPS:
         args = _step_args(student, teacher, batch)
-        graph = _captured(impl, args)
-        differences[impl] = _replay_differences(impl, graph, args)
-        runs[impl] = (args, graph)
+        step = _captured(impl, args)
+        differences[impl] = _replay_differences(impl, step, args)
+        runs[impl] = (args, step)
     times = {f"{impl}/{how}": [] for impl in STEPS for how in ("eager", "graph")}
     for _ in range(rounds):
-        for impl, (args, graph) in runs.items():
+        for impl, (args, step) in runs.items():
             times[f"{impl}/eager"].append(_timed(lambda: IMPLS[impl](*args, _untimed)))
-            times[f"{impl}/graph"].append(_timed(graph.replay))
+            times[f"{impl}/graph"].append(_timed(lambda: step(*args[4:])))
     medians = {k: round(statistics.median(v) * 1e3, 3) for k, v in times.items()}
     return dict(medians_ms=medians,
                 replay_vs_eager={k: f"{g:.2e}" for k, (g, _) in differences.items()},

@@ -4,6 +4,7 @@ per-tensor update, in float64 on an MLP (with dropout) and a small CNN with Batc
 MetaDistil step.
 """
 import copy
+import functools
 
 import pytest
 import torch
@@ -238,21 +239,6 @@ def test_frozen_batch_norm_stats_uses_batch_statistics_and_restores_the_buffers(
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 
-def _graphed(step):
-    """A CUDA graph of one call of `step`, after three eager calls on a side stream (the
-    warm-up capture needs: lazily made state such as momentum buffers, kernel compilation)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph
-
-
 def _cuda_step_args(recompute=False):
     student, teacher = (net.cuda() for net in nets("cnn"))
     s_opt = torch.optim.SGD(student.parameters(), lr=0.2, momentum=0.9, weight_decay=1e-3)
@@ -260,57 +246,101 @@ def _cuda_step_args(recompute=False):
     return student, teacher, s_opt, t_opt, *(t.cuda() for t in batches("cnn", seed=5))
 
 
-@CUDA
-def test_jvp_metadistil_step_replays_from_a_cuda_graph():
-    """Captured once, a "jvp" step (the student's graph read, the loss' Triton kernels, the
-    pilot step's kernel, both optimizers) replays as eager steps run: the parameters and
-    BatchNorm statistics of both networks agree after two of each."""
-    args = _cuda_step_args()
-
-    def step(*a):
-        meta.metadistil_step(*a, temperature=3.0, alpha=0.5)
-
-    graph = _graphed(lambda: step(*args))
-    twin = copy.deepcopy(args[:4]) + args[4:]
-    before = copy.deepcopy(args[1].state_dict())
-    for _ in range(2):
-        graph.replay()
-        step(*twin)
-    assert not torch.equal(args[1].state_dict()["0.weight"], before["0.weight"])
-    for net, other in zip(args[:2], twin[:2]):
+def _same_state(nets, others):
+    for net, other in zip(nets, others):
         for (name, a), b in zip(net.state_dict().items(), other.state_dict().values()):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_captured_step_checks_its_arguments():
+    with pytest.raises(ValueError, match="warmup"):
+        meta.CapturedStep(lambda x: x, warmup=0)
+    with pytest.raises(ValueError, match="CUDA tensors, got one on cpu"):
+        meta.CapturedStep(lambda x: x)(torch.ones(2))
+
+
+@CUDA
+def test_captured_metadistil_step_replays_as_eager_steps_run():
+    """Captured after its warm-up calls, a "jvp" step (the student's graph read, the loss'
+    Triton kernels, the pilot step's kernel, both optimizers) replays as eager steps run: the
+    parameters and BatchNorm statistics of both networks agree after two calls of each, and
+    so do the outputs of the first call, which the second replay did not overwrite."""
+    args, kd = _cuda_step_args(), dict(temperature=3.0, alpha=0.5)
+    step = meta.CapturedStep(functools.partial(meta.metadistil_step, *args[:4], **kd),
+                             optimizers=args[2:4])
+    batch = args[4:]
+    for _ in range(3):
+        step(*batch)
+    twin = copy.deepcopy(args[:4])
+    before = copy.deepcopy(args[1].state_dict())
+    got = [step(*batch) for _ in range(2)]
+    want = [meta.metadistil_step(*twin, *batch, **kd) for _ in range(2)]
+    assert not torch.equal(args[1].state_dict()["0.weight"], before["0.weight"])
+    _same_state(args[:2], twin[:2])
+    for g, w in zip(got, want):
+        for key in w:
+            torch.testing.assert_close(g[key], w[key], rtol=1e-9, atol=1e-12, msg=key)
+
+
+@CUDA
+def test_captured_step_follows_learning_rates_batch_shapes_and_replaced_state():
+    """A scheduler's new learning rate and replaced momentum buffers make the next call capture
+    again; a smaller batch runs eagerly: each time the networks agree with eager steps."""
+    args, kd = _cuda_step_args(), dict(temperature=3.0, alpha=0.5)
+    step = meta.CapturedStep(functools.partial(meta.metadistil_step, *args[:4], **kd),
+                             optimizers=args[2:4], warmup=1)
+    batch = args[4:]
+    step(*batch)
+    twin = copy.deepcopy(args[:4])
+
+    def both(*b):
+        step(*b)
+        meta.metadistil_step(*twin, *b, **kd)
+
+    both(*batch)
+    for opt in (args[2], twin[2]):
+        opt.param_groups[0]["lr"] = 0.05
+    both(*batch)
+    both(*(x[:8] for x in batch))
+    for opt in (args[2], twin[2]):
+        for state in opt.state.values():
+            state["momentum_buffer"] = state["momentum_buffer"].clone()
+    both(*batch)
+    both(*batch)
+    _same_state(args[:2], twin[:2])
 
 
 @CUDA
 def test_capture_refuses_a_second_student_forward():
     """Replaying its dropout masks would set the CUDA generators' state while capturing."""
     args = _cuda_step_args()
+    step = meta.CapturedStep(functools.partial(meta.metadistil_step, *args[:4],
+                                               recompute_student=True, temperature=3.0),
+                             warmup=1)
+    step(*args[4:])
     with pytest.raises(RuntimeError, match="inside CUDA graph capture"):
-        _graphed(lambda: meta.metadistil_step(*args, recompute_student=True, temperature=3.0))
+        step(*args[4:])
 
 
 @CUDA
 @pytest.mark.filterwarnings("ignore:This instance was constructed with capturable=True")
-def test_jvp_mkd_step_replays_from_a_cuda_graph():
-    """Captured once, an MKD step (the temperature's optimizer an Adam with capturable=True, as
+def test_captured_mkd_step_replays_as_eager_steps_run():
+    """Captured, an MKD step (the temperature's optimizer an Adam with capturable=True, as
     capture needs) replays as eager steps run."""
-    x, y, xq, yq = (t.cuda() for t in batches("mlp", seed=4))
+    batch = tuple(t.cuda() for t in batches("mlp", seed=4))
     temperature = kdops.LearnableTemperature(4.0, per_sample=True, num_classes=CLASSES)
     args = (mlp(0).cuda(), mlp(1).cuda(), temperature.double().cuda())
     args += (torch.optim.SGD(args[0].parameters(), lr=0.2),
              torch.optim.Adam(args[2].parameters(), lr=0.05, capturable=True))
-
-    def step(*a):
-        meta.mkd_step(*a, x, y, xq, yq, alpha=0.5, pilot_lr=0.05)
-
-    graph = _graphed(lambda: step(*args))
+    kd = dict(alpha=0.5, pilot_lr=0.05)
+    step = meta.CapturedStep(functools.partial(meta.mkd_step, *args, **kd),
+                             optimizers=args[3:])
+    for _ in range(3):
+        step(*batch)
     twin = copy.deepcopy(args)
     before = copy.deepcopy(args[2].state_dict())
     for _ in range(2):
-        graph.replay()
-        step(*twin)
+        step(*batch)
+        meta.mkd_step(*twin, *batch, **kd)
     assert not torch.equal(args[2].rho, before["rho"])
-    for net, other in ((args[0], twin[0]), (args[2], twin[2])):
-        for (name, a), b in zip(net.state_dict().items(), other.state_dict().values()):
-            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+    _same_state((args[0], args[2]), (twin[0], twin[2]))

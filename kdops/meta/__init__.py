@@ -45,16 +45,17 @@ RNG state is replayed), and BatchNorm uses batch statistics in the JVP, finite-d
 quiz forwards without touching the running statistics, which the pilot forward updates once.
 
 CUDA graphs: a "jvp" `metadistil_step` or `mkd_step` whose student's graph is readable issues
-no host sync and can be captured with torch.cuda.graph after a few eager steps (static shapes;
-new batches copied into the captured tensors), as a whole training step is; optimizers that
-keep step counts need `capturable=True` (Adam's, say). What the host reads at capture (learning
-rates, Python-number temperatures) stays fixed in the graph. A step that needs a second student
-forward with the pilot's dropout masks (`recompute_student`, "finite_difference", the
-torch.func.jvp fallback) raises during capture.
+no host sync and can be captured in a CUDA graph after a few eager steps, as a whole training
+step is: `CapturedStep` does it (static shapes, new batches copied into the captured tensors,
+a new capture where a scheduler changed a learning rate). Optimizers that keep step counts need
+`capturable=True` (Adam's, say). A step that needs a second student forward with the pilot's
+dropout masks (`recompute_student`, "finite_difference", the torch.func.jvp fallback) raises
+during capture.
 """
+from .captured import CapturedStep
 from .gradient import MODES, meta_gradient
 from .steps import metadistil_step, mkd_step, sgd_settings
 from .train_mode import PhaseTimer, frozen_batch_norm_stats
 
-__all__ = ["MODES", "meta_gradient", "metadistil_step", "mkd_step", "sgd_settings",
+__all__ = ["CapturedStep", "MODES", "meta_gradient", "metadistil_step", "mkd_step", "sgd_settings",
            "PhaseTimer", "frozen_batch_norm_stats"]
