@@ -10,8 +10,10 @@ batch is copied into the captured step's inputs). For plain create_graph code an
 each wrapped in one: its three eager warm-up calls and the call that captures; the relative
 difference of the parameters after three replays and after three eager steps from the same
 state (beside the same between two eager runs); then `--rounds` rounds timing an eager step and
-a replayed call of each (the batch's copy included), interleaved. Medians in ms, and the
-ratios of plain's to kdops' time, eager and replayed.
+a replayed call of each (the batch's copy included), interleaved. Medians in ms, the ratios of
+plain's to kdops' time, eager and replayed, and the memory each captured step holds between
+calls (MiB allocated after its capture beyond before its warm-up: the graph's pool of the
+step's intermediates, gradients, optimizer state).
 """
 import argparse
 import contextlib
@@ -81,10 +83,14 @@ def measure(rounds: int) -> dict:
     student, teacher, batch = _setup("cifar")
     student, teacher = student.cuda(), teacher.cuda()
     batch = tuple(b.cuda() for b in batch)
-    runs, differences = {}, {}
+    runs, differences, held = {}, {}, {}
     for impl in STEPS:
         args = _step_args(student, teacher, batch)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
         step = _captured(impl, args)
+        torch.cuda.synchronize()
+        held[impl] = round((torch.cuda.memory_allocated() - base) / 2 ** 20, 1)
         differences[impl] = _replay_differences(impl, step, args)
         runs[impl] = (args, step)
     times = {f"{impl}/{how}": [] for impl in STEPS for how in ("eager", "graph")}
@@ -93,7 +99,7 @@ def measure(rounds: int) -> dict:
             times[f"{impl}/eager"].append(_timed(lambda: IMPLS[impl](*args, _untimed)))
             times[f"{impl}/graph"].append(_timed(lambda: step(*args[4:])))
     medians = {k: round(statistics.median(v) * 1e3, 3) for k, v in times.items()}
-    return dict(medians_ms=medians,
+    return dict(medians_ms=medians, held_mib=held,
                 replay_vs_eager={k: f"{g:.2e}" for k, (g, _) in differences.items()},
                 eager_vs_eager={k: f"{e:.2e}" for k, (_, e) in differences.items()},
                 plain_over_kdops_eager=round(medians["plain/eager"] / medians["kdops_jvp/eager"],
@@ -112,7 +118,7 @@ def main():
     result = measure(args.rounds)
     for name, ms in result["medians_ms"].items():
         print(f"{name:18s} {ms:10.3f} ms")
-    for key in ("replay_vs_eager", "eager_vs_eager", "plain_over_kdops_eager",
+    for key in ("held_mib", "replay_vs_eager", "eager_vs_eager", "plain_over_kdops_eager",
                 "plain_over_kdops_graph"):
         print(f"{key}: {result[key]}")
     if args.json:
