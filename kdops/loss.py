@@ -86,11 +86,17 @@ def _row_values(value: Scalar, name: str, lead: torch.Size, n: int, like: Tensor
             _check_values(torch.isfinite(value) & (value > 0),
                           f"{name} must be finite and > 0")
         return rows
+    value = _number(value, name, positive)
+    return torch.full((), value, dtype=dtype, device=like.device).expand(n)
+
+
+def _number(value, name: str, positive: bool) -> float:
+    """A Python number argument, checked, as a float."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
     if not math.isfinite(value) or (positive and value <= 0):
         raise ValueError(f"{name} must be finite{' and > 0' if positive else ''}, got {value}")
-    return torch.full((), float(value), dtype=dtype, device=like.device).expand(n)
+    return float(value)
 
 
 def _flat_labels(labels: Tensor, lead: torch.Size, v: int, ignore_index: int,
@@ -221,8 +227,10 @@ def fused_kd_loss(
 
     if scale is None:
         c = temperature ** 2 if isinstance(temperature, numbers.Real) else tau_s * tau_s
-    else:
+    elif isinstance(scale, Tensor):
         c = _row_values(scale, "scale", lead, n, s, cdt, positive=False)
+    else:                                   # a Python number multiplies as one: no device copy
+        c = _number(scale, "scale", positive=False)
     rows = div * c
     if alpha is not None:
         rows = alpha * rows + (1 - alpha) * ce if with_ce else rows
