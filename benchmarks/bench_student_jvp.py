@@ -15,6 +15,10 @@ mode, BatchNorm on batch statistics). Cases:
                     pilot's forward then costs the plain forward)
   torch_func_jvp    torch.func.jvp over functional_call: the primal forward again beside the
                     tangents (the fallback, and kdops' "jvp" mode before the tape)
+  graph_replay_operators
+                    the operators graph_replay calls (recorded once, below the dispatcher),
+                    called again from a list: what a reader without per-node Python work would
+                    cost; graph_replay minus this is the reader's own overhead
 Both replays are checked against torch.func.jvp first, to float32 rounding: with cuDNN's TF32
 convolutions off for the check (on by default, they round both to about 1e-3).
 """
@@ -26,6 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch.func import functional_call, jvp
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from kdops import meta
 from kdops.meta.graph_tangent import graph_jvp
@@ -79,7 +84,29 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
+class _Operators(TorchDispatchMode):
+    """Records the operators called inside it, with their arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append((func, args, kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+def _operators_of_graph_replay(out, params, tangents):
+    with _Operators() as operators:
+        graph_jvp(out, params, tangents)
+
+    def replay(*_):
+        for func, args, kwargs in operators.calls:
+            func(*args, **kwargs)
+    return replay
+
+
+@pytest.mark.parametrize("case", [*CASES, "graph_replay_operators"])
 def test_student_jvp(benchmark, student, case):
     net, x, params, tangents = student
     with meta.frozen_batch_norm_stats(net):
@@ -90,7 +117,8 @@ def test_student_jvp(benchmark, student, case):
             torch.testing.assert_close(graph_jvp(out, params, tangents), want, rtol=1e-3,
                                        atol=1e-3)
         tape, out = _recorded(net, x, params)
-        run = CASES[case]
+        run = (_operators_of_graph_replay(out, params, tangents)
+               if case == "graph_replay_operators" else CASES[case])
 
         def timed():
             result = run(net, x, params, tangents, tape, out)
