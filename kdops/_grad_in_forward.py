@@ -41,7 +41,7 @@ class _RowsWithGrad(torch.autograd.Function):
                   for g in ctx.saved_tensors), None, None, None)
 
 
-def _rows(x, n: int, like: Tensor, dtype: torch.dtype) -> Tensor:
+def as_rows(x, n: int, like: Tensor, dtype: torch.dtype) -> Tensor:
     """A float or a 0-dim / [N] tensor as an [N] tensor (no copy from the host)."""
     if isinstance(x, Tensor):
         return x.to(dtype).expand(n)
@@ -67,6 +67,6 @@ def attach(rows: Tensor, s: Tensor, t: Tensor, tau_s: Tensor, tau_t: Tensor,
     need = [s.requires_grad, t.requires_grad]
     with torch.no_grad():
         grads = _ops.kd_backward(
-            _rows(w_div, n, s, cdt), _rows(w_ce, n, s, cdt), s, t, tau_s, tau_t, labels, stats,
-            ignore_index, divergence, beta, with_ce, need + [False, False])
+            as_rows(w_div, n, s, cdt), as_rows(w_ce, n, s, cdt), s, t, tau_s, tau_t, labels,
+            stats, ignore_index, divergence, beta, with_ce, need + [False, False])
     return _RowsWithGrad.apply(s, t, rows, *(g if m else None for g, m in zip(grads, need)))

@@ -78,13 +78,13 @@ def _transformable(name, op, setup_context, backward, *, logits_at, stats_in=Non
 _kd_double_backward = _transformable(
     "_DoubleBackward", _ops.kd_double_backward, _ops.no_setup, _ops.third_order,
     logits_at=6, stats_in=11)
-_kd_backward = _transformable(
+kd_backward = _transformable(
     "_Backward", _ops.kd_backward, _ops.backward_setup,
     lambda ctx, *cotangents: _ops.backward_backward(ctx, _kd_double_backward, cotangents),
     logits_at=2, stats_in=7)
 kd_forward = _transformable(
     "_Forward", _ops.kd_forward, _ops.forward_setup,
     lambda ctx, grad_div, grad_ce, _stats_grad: _ops.forward_backward(
-        ctx, _kd_backward, grad_div, grad_ce),
+        ctx, kd_backward, grad_div, grad_ce),
     logits_at=0, stats_out=2)
 kd_forward.__doc__ = "kdops::kd_forward, through an autograd.Function inside torch.func transforms."

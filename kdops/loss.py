@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -203,6 +203,78 @@ def fused_kd_loss(
         on GPUs they are device-side assertions (no host sync), and under torch.compile they
         are skipped. NaN logits propagate to a NaN loss.
     """
+    a = _arguments(student_logits, teacher_logits, temperature, teacher_temperature, divergence,
+                   beta, scale, labels, alpha, ignore_index, reduction)
+    if grad_in_forward:
+        _grad_in_forward.check_constants(temperature=temperature,
+                                         teacher_temperature=teacher_temperature, scale=scale,
+                                         alpha=alpha)
+    with torch.no_grad() if grad_in_forward else contextlib.nullcontext():
+        div, ce, stats = _loss_func.kd_forward(a.s, a.t, a.tau_s, a.tau_t, a.labels, ignore_index,
+                                               divergence, float(beta), a.with_ce)
+    rows = _combined(div, ce, a.c, alpha, a.with_ce)
+    if grad_in_forward and torch.is_grad_enabled() and (a.s.requires_grad or a.t.requires_grad):
+        rows = _grad_in_forward.attach(rows, a.s, a.t, a.tau_s, a.tau_t, a.labels, stats,
+                                       ignore_index, divergence, float(beta), a.with_ce,
+                                       a.c if alpha is None else alpha * a.c,
+                                       1 - alpha if a.with_ce else 0.0)
+    return _reduce(rows, a.labels, ignore_index, a.lead, a.v, reduction)
+
+
+def loss_and_student_grad(student_logits: Tensor, teacher_logits: Tensor, *,
+                          temperature: Scalar = 1.0, teacher_temperature: Optional[Scalar] = None,
+                          divergence: str = "kl", beta: float = 0.5,
+                          scale: Optional[Scalar] = None, labels: Optional[Tensor] = None,
+                          alpha: Optional[Scalar] = None, ignore_index: int = -100,
+                          reduction: str = "batchmean") -> tuple[Tensor, Tensor]:
+    """(loss, ∂loss/∂student_logits) of `fused_kd_loss` with the same arguments, the gradient
+    differentiable with respect to the teacher logits, the temperatures, scale and alpha (to
+    second order overall), not to the student logits; the loss a value without a graph.
+
+    What a pilot step needs (`kdops.meta`): the gradient comes from one kd_backward call whose
+    upstream per-row weights are the loss's (alpha·c and 1 − alpha over the reduction's
+    denominator), and its autograd is kd_double_backward, so neither the loss's graph nor a
+    create_graph backward through it is built. A scalar reduction is required.
+    """
+    if reduction == "none":
+        raise ValueError("loss_and_student_grad: reduction='none' has no gradient of a scalar "
+                         "loss; use 'batchmean', 'sum' or 'mean'")
+    a = _arguments(student_logits, teacher_logits, temperature, teacher_temperature, divergence,
+                   beta, scale, labels, alpha, ignore_index, reduction)
+    s, beta, cdt = a.s.detach(), float(beta), a.tau_s.dtype
+    with torch.no_grad():
+        div, ce, stats = _loss_func.kd_forward(s, a.t, a.tau_s, a.tau_t, a.labels, ignore_index,
+                                               divergence, beta, a.with_ce)
+        loss = _reduce(_combined(div, ce, a.c, alpha, a.with_ce), a.labels, ignore_index,
+                       a.lead, a.v, reduction)
+    weights = (a.c if alpha is None else alpha * a.c, 1 - alpha if a.with_ce else 0.0)
+    if reduction != "sum":
+        per_row = _denominator(a.labels, ignore_index, a.n, a.v, reduction, cdt)
+        weights = tuple(w / per_row for w in weights)
+    weights = [_grad_in_forward.as_rows(w, a.n, s, cdt) for w in weights]
+    grad = _loss_func.kd_backward(*weights, s, a.t, a.tau_s, a.tau_t, a.labels, stats,
+                                  ignore_index, divergence, beta, a.with_ce,
+                                  [True, False, False, False])[0]
+    return loss, grad.reshape(student_logits.shape)
+
+
+class _Arguments(NamedTuple):
+    """fused_kd_loss's arguments checked and row-flattened: logits [N, V], temperatures [N] in
+    the compute dtype, labels [N] or None, c the divergence's factor (float or tensor)."""
+    s: Tensor
+    t: Tensor
+    lead: torch.Size
+    n: int
+    v: int
+    tau_s: Tensor
+    tau_t: Tensor
+    labels: Optional[Tensor]
+    with_ce: bool
+    c: Scalar
+
+
+def _arguments(student_logits, teacher_logits, temperature, teacher_temperature, divergence,
+               beta, scale, labels, alpha, ignore_index, reduction) -> _Arguments:
     _check_logits(student_logits, teacher_logits)
     _check_options(divergence, beta, reduction, alpha, labels)
     lead, v = student_logits.shape[:-1], student_logits.shape[-1]
@@ -216,30 +288,34 @@ def fused_kd_loss(
         teacher_temperature, "teacher_temperature", lead, n, s, cdt, positive=True)
     flat_labels = None if labels is None else _flat_labels(labels, lead, v, ignore_index, s)
     with_ce = alpha is not None and not (isinstance(alpha, numbers.Real) and alpha == 1)
-    if grad_in_forward:
-        _grad_in_forward.check_constants(temperature=temperature,
-                                         teacher_temperature=teacher_temperature, scale=scale,
-                                         alpha=alpha)
-
-    with torch.no_grad() if grad_in_forward else contextlib.nullcontext():
-        div, ce, stats = _loss_func.kd_forward(s, t, tau_s, tau_t, flat_labels, ignore_index,
-                                               divergence, float(beta), with_ce)
-
     if scale is None:
         c = temperature ** 2 if isinstance(temperature, numbers.Real) else tau_s * tau_s
     elif isinstance(scale, Tensor):
         c = _row_values(scale, "scale", lead, n, s, cdt, positive=False)
     else:                                   # a Python number multiplies as one: no device copy
         c = _number(scale, "scale", positive=False)
+    return _Arguments(s, t, lead, n, v, tau_s, tau_t, flat_labels, with_ce, c)
+
+
+def _combined(div: Tensor, ce: Tensor, c: Scalar, alpha, with_ce: bool) -> Tensor:
+    """The per-row losses: c·D, or alpha·c·D + (1 − alpha)·CE."""
     rows = div * c
     if alpha is not None:
         rows = alpha * rows + (1 - alpha) * ce if with_ce else rows
-    if grad_in_forward and torch.is_grad_enabled() and (s.requires_grad or t.requires_grad):
-        rows = _grad_in_forward.attach(rows, s, t, tau_s, tau_t, flat_labels, stats,
-                                       ignore_index, divergence, float(beta), with_ce,
-                                       c if alpha is None else alpha * c,
-                                       1 - alpha if with_ce else 0.0)
-    return _reduce(rows, flat_labels, ignore_index, lead, v, reduction)
+    return rows
+
+
+def _count(labels: Optional[Tensor], ignore_index: int, n: int, dtype: torch.dtype):
+    """The rows a mean divides by: all (at least 1), or those not ignored (a tensor)."""
+    if labels is None:
+        return max(n, 1)
+    return (labels != ignore_index).sum().clamp(min=1).to(dtype)
+
+
+def _denominator(labels, ignore_index, n, v, reduction, dtype):
+    """What "batchmean" and "mean" divide the sum of the rows by."""
+    count = _count(labels, ignore_index, n, dtype)
+    return count if reduction == "batchmean" else count * v
 
 
 def _reduce(rows: Tensor, labels: Optional[Tensor], ignore_index: int, lead: torch.Size,
@@ -249,11 +325,7 @@ def _reduce(rows: Tensor, labels: Optional[Tensor], ignore_index: int, lead: tor
     total = rows.sum()
     if reduction == "sum":
         return total
-    if labels is None:
-        count = max(rows.numel(), 1)
-    else:
-        count = (labels != ignore_index).sum().clamp(min=1).to(rows.dtype)
-    return total / count if reduction == "batchmean" else total / (count * v)
+    return total / _denominator(labels, ignore_index, rows.numel(), v, reduction, rows.dtype)
 
 
 class KDLoss(nn.Module):

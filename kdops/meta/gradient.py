@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
 from .._pilot_autograd import step_coefficients
-from ..loss import fused_kd_loss
+from ..loss import fused_kd_loss, loss_and_student_grad
 from ..pilot import pilot_sgd_step
 from .graph_tangent import graph_jvp, readable
 from .tangent import TangentTape, UnsupportedForward
@@ -88,9 +88,7 @@ def meta_gradient(student: nn.Module, teacher_logits: Tensor, inputs, labels: Te
     # Graph-free modes: the loss is differentiated on the logits only.
     with phase("pilot"):
         s, tape = _forward(student, inputs, theta, mode == "jvp" and not recompute_student)
-        s_leaf = s.detach().requires_grad_()
-        pilot = fused_kd_loss(s_leaf, teacher_logits, labels=labels, **kd_kwargs)
-        (g_s,) = torch.autograd.grad(pilot, s_leaf, create_graph=True)
+        pilot, g_s = loss_and_student_grad(s, teacher_logits, labels=labels, **kd_kwargs)
         grads = torch.autograd.grad(s, theta, g_s.detach(), retain_graph=not recompute_student)
         if recompute_student:
             s = None
