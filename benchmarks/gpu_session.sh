@@ -3,7 +3,7 @@
 #
 #   OUT=/tmp/kdops-gpu KDOPS_GIT_SHA=$(git rev-parse HEAD) \
 #       bash benchmarks/gpu_session.sh build gpu_tests sanitize bench_kd bench_pilot bench_meta \
-#       bench_jvp bench_compat floor_meta profile_meta graphed_meta
+#       bench_jvp bench_pilot_loss bench_compat floor_meta profile_meta graphed_meta
 #
 # build        compiles kdops._C with the CUDA kernels for sm_90 in place and copies it,
 #              stripped, to $OUT (to carry next time: skipped when a build is already there)
@@ -18,6 +18,7 @@
 # bench_pilot  benchmarks/bench_pilot_sgd.py on the GPU
 # bench_meta   benchmarks/bench_meta_step.py on the GPU
 # bench_jvp    benchmarks/bench_student_jvp.py on the GPU
+# bench_pilot_loss  benchmarks/bench_pilot_loss_grad.py on the GPU
 # bench_compat benchmarks/bench_compat.py on the GPU (KDOPS_BENCH_COMPAT_SHAPES picks the shapes)
 # floor_meta   benchmarks/meta_step_floor.py cifar, 40 rounds: plain, kdops "jvp" and the floor
 # profile_meta benchmarks/profile_meta_step.py cifar: host and device time per phase
@@ -82,6 +83,7 @@ bench_kd() { bench bench_kd_loss_gpu.py "$GPU-kd_loss${KDOPS_BENCH_TAG:-}.json";
 bench_pilot() { bench bench_pilot_sgd.py "$GPU-pilot_sgd.json"; }
 bench_meta() { bench bench_meta_step.py "$GPU-meta_step.json"; }
 bench_jvp() { bench bench_student_jvp.py "$GPU-student_jvp.json"; }
+bench_pilot_loss() { bench bench_pilot_loss_grad.py "$GPU-pilot_loss_grad.json"; }
 bench_compat() { bench bench_compat.py "$GPU-compat.json"; }
 floor_meta() {
     python3 benchmarks/meta_step_floor.py cifar --rounds 40 --json "$OUT/$GPU-meta_step-floor-cifar.json"

@@ -38,6 +38,11 @@ def test_meta_step_benchmarks_run():
     assert "4 passed" in out
 
 
+def test_pilot_loss_grad_benchmarks_run():
+    out = run_suite("bench_pilot_loss_grad.py")
+    assert "2 passed" in out
+
+
 def test_compat_benchmarks_run():
     out = run_suite("bench_compat.py", KDOPS_BENCH_COMPAT_SHAPES="8x10,2x4x33")
     assert "8 passed" in out
