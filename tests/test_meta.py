@@ -259,6 +259,18 @@ def test_captured_step_checks_its_arguments():
         meta.CapturedStep(lambda x: x)(torch.ones(2))
 
 
+def test_captured_step_outputs_are_copies_through_containers():
+    from collections import namedtuple
+
+    from kdops.meta.captured import _copied
+    pair = namedtuple("pair", "a b")
+    x = torch.arange(3.0)
+    out = _copied({"d": [x, (x, pair(x, 1))], "n": None})
+    leaves = [out["d"][0], out["d"][1][0], out["d"][1][1].a]
+    assert isinstance(out["d"][1][1], pair) and out["d"][1][1].b == 1 and out["n"] is None
+    assert all(torch.equal(t, x) and t.data_ptr() != x.data_ptr() for t in leaves)
+
+
 @CUDA
 def test_captured_metadistil_step_replays_as_eager_steps_run():
     """Captured after its warm-up calls, a "jvp" step (the student's graph read, the loss'
@@ -285,7 +297,8 @@ def test_captured_metadistil_step_replays_as_eager_steps_run():
 @CUDA
 def test_captured_step_follows_learning_rates_batch_shapes_and_replaced_state():
     """A scheduler's new learning rate and replaced momentum buffers make the next call capture
-    again; a smaller batch runs eagerly: each time the networks agree with eager steps."""
+    again, as `recapture()` does after a buffer is replaced; a smaller batch runs eagerly: each
+    time the networks agree with eager steps."""
     args, kd = _cuda_step_args(), dict(temperature=3.0, alpha=0.5)
     step = meta.CapturedStep(functools.partial(meta.metadistil_step, *args[:4], **kd),
                              optimizers=args[2:4], warmup=1)
@@ -305,6 +318,12 @@ def test_captured_step_follows_learning_rates_batch_shapes_and_replaced_state():
     for opt in (args[2], twin[2]):
         for state in opt.state.values():
             state["momentum_buffer"] = state["momentum_buffer"].clone()
+    both(*batch)
+    for net in (args[0], twin[0]):                # buffers the optimizers do not hold
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean = m.running_mean.clone()
+    step.recapture()
     both(*batch)
     both(*batch)
     _same_state(args[:2], twin[:2])

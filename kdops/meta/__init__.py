@@ -57,5 +57,5 @@ from .gradient import MODES, meta_gradient
 from .steps import metadistil_step, mkd_step, sgd_settings
 from .train_mode import PhaseTimer, frozen_batch_norm_stats
 
-__all__ = ["CapturedStep", "MODES", "meta_gradient", "metadistil_step", "mkd_step", "sgd_settings",
-           "PhaseTimer", "frozen_batch_norm_stats"]
+__all__ = ["CapturedStep", "MODES", "meta_gradient", "metadistil_step", "mkd_step",
+           "sgd_settings", "PhaseTimer", "frozen_batch_norm_stats"]

@@ -129,6 +129,8 @@ def _copied(out):
         return out.clone()
     if isinstance(out, dict):
         return {k: _copied(v) for k, v in out.items()}
+    if isinstance(out, tuple) and hasattr(out, "_fields"):        # a named tuple
+        return type(out)(*(_copied(v) for v in out))
     if isinstance(out, (list, tuple)):
         return type(out)(_copied(v) for v in out)
     return out
