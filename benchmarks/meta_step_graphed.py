@@ -42,9 +42,10 @@ def _untimed(name):
 def _captured(impl, args):
     """A CapturedStep of `impl` on `args`' networks and optimizers, warmed up and captured on
     `args`' batch."""
+    warmup = 3
     step = CapturedStep(lambda *batch: IMPLS[impl](*args[:4], *batch, _untimed),
-                        optimizers=args[2:4])
-    for _ in range(4):
+                        optimizers=args[2:4], warmup=warmup)
+    for _ in range(warmup + 1):                     # the warm-up calls, then the capture
         step(*args[4:])
     return step
 

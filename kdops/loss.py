@@ -245,11 +245,11 @@ def loss_and_student_grad(student_logits: Tensor, teacher_logits: Tensor, *,
     with torch.no_grad():
         div, ce, stats = _loss_func.kd_forward(s, a.t, a.tau_s, a.tau_t, a.labels, ignore_index,
                                                divergence, beta, a.with_ce)
-        loss = _reduce(_combined(div, ce, a.c, alpha, a.with_ce), a.labels, ignore_index,
-                       a.lead, a.v, reduction)
+        loss = _combined(div, ce, a.c, alpha, a.with_ce).sum()
     weights = (a.c if alpha is None else alpha * a.c, 1 - alpha if a.with_ce else 0.0)
-    if reduction != "sum":
+    if reduction != "sum":             # the loss's denominator, counted once for both
         per_row = _denominator(a.labels, ignore_index, a.n, a.v, reduction, cdt)
+        loss = loss / per_row
         weights = tuple(w / per_row for w in weights)
     weights = [_grad_in_forward.as_rows(w, a.n, s, cdt) for w in weights]
     grad = _loss_func.kd_backward(*weights, s, a.t, a.tau_s, a.tau_t, a.labels, stats,
