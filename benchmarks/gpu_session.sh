@@ -7,8 +7,8 @@
 #
 # build        compiles kdops._C with the CUDA kernels for sm_90 in place and copies it,
 #              stripped, to $OUT (to carry next time: skipped when a build is already there)
-# gpu_tests    the GPU tests: Triton kernels against float64 (the loss and the pilot's gradient
-#              of it), 64-bit offsets, no host sync, the CUDA pilot kernels bit for bit against
+# gpu_tests    the GPU tests: Triton kernels against float64 (the loss, the pilot's gradient
+#              of it, forward-mode tangents), 64-bit offsets, no host sync, the CUDA pilot kernels bit for bit against
 #              the CPU ones, one launch per direction,
 #              the tangent replay of kdops.meta on CUDA networks (cuDNN batch norm and RNNs), the
 #              meta steps, the kdops.compat adapters on CUDA logits
@@ -62,7 +62,7 @@ build() {
 gpu_tests() {
     python3 -m pytest -q -n 8 tests/test_triton.py tests/test_pilot.py tests/test_tangent.py \
         tests/test_recurrent_tangent.py tests/test_meta.py tests/test_compat.py \
-        tests/test_student_grad.py \
+        tests/test_student_grad.py tests/test_forward_mode.py \
         --junitxml="$OUT/gpu-tests.xml"
 }
 

@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad as _forward_ad
 
 from . import _loss_ops as _ops
 
@@ -39,6 +40,12 @@ class _RowsWithGrad(torch.autograd.Function):
         # Written straight into the logits' dtype: computed in float32, no float32 [N, V] copy.
         return (*(None if g is None else torch.mul(scale, g, out=torch.empty_like(g))
                   for g in ctx.saved_tensors), None, None, None)
+
+    @staticmethod
+    def jvp(ctx, d_student, d_teacher, d_rows, d_grad_s, d_grad_t):
+        """Forward mode: the rows' own tangent (kd_forward's, through the logits and the
+        temperatures); the gradients held for the backward are constants."""
+        return d_rows
 
 
 def as_rows(x, n: int, like: Tensor, dtype: torch.dtype) -> Tensor:
@@ -65,7 +72,8 @@ def attach(rows: Tensor, s: Tensor, t: Tensor, tau_s: Tensor, tau_t: Tensor,
     divergence and the cross-entropy in a row's loss (floats, 0-dim or [N] tensors)."""
     n, cdt = s.shape[0], tau_s.dtype
     need = [s.requires_grad, t.requires_grad]
-    with torch.no_grad():
+    # Constants of the loss, in forward mode too: computed without the inputs' tangents.
+    with torch.no_grad(), _forward_ad._set_fwd_grad_enabled(False):
         grads = _ops.kd_backward(
             as_rows(w_div, n, s, cdt), as_rows(w_ce, n, s, cdt), s, t, tau_s, tau_t, labels,
             stats, ignore_index, divergence, beta, with_ce, need + [False, False])

@@ -1,4 +1,5 @@
-"""The loss ops inside torch.func transforms (grad, vjp, jacrev, vmap, and their nestings).
+"""The loss ops inside torch.func transforms (grad, vjp, jacrev, vmap, jvp, jacfwd, hessian, and
+their nestings) and on forward-mode dual tensors.
 
 functorch refuses both autograd layers of the ops: the compiled one is a C++
 torch::autograd::Function, and the Python twin is the function that `register_autograd`
@@ -12,12 +13,26 @@ op, which treats rows independently), so a vmap costs one op call, not a loop ov
 Each rule calls the op again one transform level down, through the same check, and reaches
 the op itself once no transform is left. Outside transforms the ops are called directly.
 
-Forward-mode transforms (`jvp`, `jacfwd`, `hessian`) are not supported: the ops have no
-forward-mode derivative, and PyTorch says so when one is asked for.
+Forward mode (`jvp`, `jacfwd`, `hessian`, and `torch.autograd.forward_ad`'s dual tensors, for
+which the Functions serve too: the compiled autograd has no forward mode) runs the `jvp`
+rules below, through the ops of the chain:
+
+    kd_forward   the tangent of a row's divergence is ⟨∇D_r, ẋ_r⟩ (ẋ: the tangents of the
+                 logits and temperatures), and kd_double_backward computes exactly that as
+                 its derivative with respect to the row weight grad_div (∂⟨v, G⟩/∂gd_r with
+                 v = ẋ, G = gd·∇D + gce·∇CE); the cross-entropy's likewise through grad_ce.
+                 One pass over the logits and their tangents, no [N, V] temporary.
+    kd_backward  G is the gradient of gd·D + gce·CE, so its tangent is ġd·∇D + ġce·∇CE
+                 (kd_backward on the weights' tangents) plus H·ẋ, H the symmetric Hessian:
+                 the vector-Jacobian product kd_double_backward computes, taken along ẋ.
+
+kd_double_backward has no forward-mode rule: forward-over-forward (`jacfwd(jacfwd(...))`) and
+third-order derivatives raise. Forward-over-reverse (`hessian`, `jvp(grad(...))`) is exact.
 """
 from __future__ import annotations
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 from . import _loss_ops as _ops
 
@@ -27,6 +42,12 @@ def _transformed() -> bool:
     compiled graph calls the ops, whose own autograd it traces)."""
     return (not torch.compiler.is_compiling()
             and torch._C._functorch.peek_interpreter_stack() is not None)
+
+
+def _dual() -> bool:
+    """Whether a `torch.autograd.forward_ad` dual level is open: the ops' inputs may then
+    carry tangents, which only the Functions' jvp rules take (not while torch.compile traces)."""
+    return _forward_ad._current_level >= 0 and not torch.compiler.is_compiling()
 
 
 def _vmapped(op, info, in_dims, args, mask, logits_at, stats_in=None, stats_out=None):
@@ -55,15 +76,18 @@ def _vmapped(op, info, in_dims, args, mask, logits_at, stats_in=None, stats_out=
     return tuple(batched), tuple(dims)
 
 
-def _transformable(name, op, setup_context, backward, *, logits_at, stats_in=None,
+def _transformable(name, op, setup_context, backward, jvp, *, logits_at, stats_in=None,
                    stats_out=None):
     """`op`, called through an autograd.Function named `name` while a transform is active.
 
     The Function's forward is the returned function again (one level down), its
-    `setup_context` and `backward` are given, and its vmap rule is `_vmapped`: the backward
-    ops' last argument is their output mask, kd_forward computes all three outputs."""
+    `setup_context`, `backward` and `jvp` are given, and its vmap rule is `_vmapped`: the
+    backward ops' last argument is their output mask, kd_forward computes all three outputs."""
     def call(*args):
         return function.apply(*args) if _transformed() else op(*args)
+
+    def entry(*args):
+        return function.apply(*args) if _transformed() or _dual() else op(*args)
 
     def vmap(info, in_dims, *args):
         mask = args[-1] if stats_in is not None else (True, True, True)
@@ -71,20 +95,72 @@ def _transformable(name, op, setup_context, backward, *, logits_at, stats_in=Non
 
     function = type(name, (torch.autograd.Function,), {
         "forward": staticmethod(call), "setup_context": staticmethod(setup_context),
-        "backward": staticmethod(backward), "vmap": staticmethod(vmap)})
-    return call
+        "backward": staticmethod(backward), "jvp": staticmethod(jvp),
+        "vmap": staticmethod(vmap)})
+    return entry
+
+
+def _forward_setup(ctx, inputs, output):
+    _ops.forward_setup(ctx, inputs, output)
+    ctx.save_for_forward(*inputs[:5], output[2])
+
+
+def _backward_setup(ctx, inputs, output):
+    _ops.backward_setup(ctx, inputs, output)
+    ctx.save_for_forward(*inputs[:8])
+
+
+def _forward_jvp(ctx, *tangents):
+    """Tangents of (div, ce, stats): per row ⟨∇D_r, ẋ_r⟩ and ⟨∇CE_r, ṡ_r⟩ (module docstring);
+    the statistics are not differentiable. (A differentiable output's tangent is returned as
+    a tensor, zeros included: autograd's forward mode rejects None there.)"""
+    student, teacher, tau_s, tau_t, labels, stats = ctx.saved_tensors
+    with_ce = ctx.config[3]
+    weight = torch.ones_like(tau_s)      # the derivatives to the row weights do not read them
+    d_div, d_ce = _kd_double_backward(*tangents[:4], weight, weight, student, teacher, tau_s,
+                                      tau_t, labels, stats, *ctx.config,
+                                      [True, with_ce, False, False, False, False])[:2]
+    return d_div, (d_ce if with_ce else torch.zeros_like(d_div)), None
+
+
+def _backward_jvp(ctx, d_grad_div, d_grad_ce, *tangents):
+    """Tangents of kd_backward's gradients: ġd·∇D + ġce·∇CE + H·ẋ (module docstring); those
+    the output mask left out are empty, as the outputs."""
+    grad_div, grad_ce, student, teacher, tau_s, tau_t, labels, stats = ctx.saved_tensors
+    mask = list(ctx.computed)
+    rest = (student, teacher, tau_s, tau_t, labels, stats, *ctx.config)
+    along = any(v is not None for v in tangents[:4])
+    terms = []
+    if d_grad_div is not None or d_grad_ce is not None or not along:
+        zero = torch.zeros_like(grad_div)
+        terms.append(kd_backward(zero if d_grad_div is None else d_grad_div,
+                                 zero if d_grad_ce is None else d_grad_ce, *rest, mask))
+    if along:
+        terms.append(_kd_double_backward(*tangents[:4], grad_div, grad_ce, *rest,
+                                         [False, False, *mask])[2:])
+    if len(terms) == 1:
+        return terms[0]
+    return tuple(a + b if done else a for a, b, done in zip(*terms, mask))
+
+
+def _double_backward_jvp(ctx, *tangents):
+    raise NotImplementedError(
+        "kdops: kd_double_backward has no forward-mode derivative: forward-over-forward "
+        "(jacfwd(jacfwd(...)), jvp of jvp) and third-order derivatives of fused_kd_loss are "
+        "not implemented; for second order use forward-over-reverse (torch.func.hessian, "
+        "jvp(grad(...))) or reverse-over-reverse")
 
 
 _kd_double_backward = _transformable(
     "_DoubleBackward", _ops.kd_double_backward, _ops.no_setup, _ops.third_order,
-    logits_at=6, stats_in=11)
+    _double_backward_jvp, logits_at=6, stats_in=11)
 kd_backward = _transformable(
-    "_Backward", _ops.kd_backward, _ops.backward_setup,
+    "_Backward", _ops.kd_backward, _backward_setup,
     lambda ctx, *cotangents: _ops.backward_backward(ctx, _kd_double_backward, cotangents),
-    logits_at=2, stats_in=7)
+    _backward_jvp, logits_at=2, stats_in=7)
 kd_forward = _transformable(
-    "_Forward", _ops.kd_forward, _ops.forward_setup,
+    "_Forward", _ops.kd_forward, _forward_setup,
     lambda ctx, grad_div, grad_ce, _stats_grad: _ops.forward_backward(
         ctx, kd_backward, grad_div, grad_ce),
-    logits_at=0, stats_out=2)
+    _forward_jvp, logits_at=0, stats_out=2)
 kd_forward.__doc__ = "kdops::kd_forward, through an autograd.Function inside torch.func transforms."

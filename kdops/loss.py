@@ -157,9 +157,11 @@ def fused_kd_loss(
     (without ``alpha`` just ``c · D``). Differentiable to second order with respect to the
     student and teacher logits and both temperatures (also the scale and alpha when tensors).
 
-    Works inside ``torch.func`` reverse-mode transforms and vmap (``grad``, ``vjp``,
-    ``jacrev``, ``vmap`` and their nestings; not with ``grad_in_forward``); forward-mode
-    transforms (``jvp``, ``jacfwd``, ``hessian``) raise NotImplementedError.
+    Works inside ``torch.func`` transforms (``grad``, ``vjp``, ``jacrev``, ``vmap``, ``jvp``,
+    ``jacfwd``, ``hessian`` and their nestings; not with ``grad_in_forward``) and on
+    ``torch.autograd.forward_ad`` dual tensors. Forward mode is exact to second order over
+    reverse mode (``hessian``, ``jvp(grad(...))``); forward over forward
+    (``jacfwd(jacfwd(...))``) raises NotImplementedError.
 
     Args:
         student_logits: [..., V] floating tensor (float32, bfloat16, float16 or float64).

@@ -86,9 +86,3 @@ def test_per_example_gradients_and_jacobians():
     for i, j in ((0, 0), (2, 5)):
         (row,) = torch.autograd.grad(g[i, j], leaf, retain_graph=True)
         torch.testing.assert_close(hessian[i, j], row, rtol=1e-12, atol=1e-15)
-
-
-def test_forward_mode_is_refused_clearly():
-    s, t, tau = _inputs()
-    with pytest.raises(NotImplementedError, match="jvp"):
-        tf.jvp(lambda x: _loss({})(x, t, tau), (s,), (torch.ones_like(s),))
