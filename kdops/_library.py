@@ -15,6 +15,7 @@ import contextlib
 import warnings
 
 import torch
+from torch._C._functorch import TransformType
 
 LIB = torch.library.Library("kdops", "DEF")
 
@@ -61,6 +62,20 @@ def wanted_groups(ctx, needs, sizes):
         except (AttributeError, RuntimeError):
             pass
     return [any(needs[i] for i in span) for span in spans]
+
+
+def refuse_forward_over_forward(op: str) -> None:
+    """Raise inside a jvp rule that runs under two forward-mode transforms (jacfwd(jacfwd),
+    jvp of jvp): torch.func hands autograd.Function jvp rules their saved inputs without the
+    outer transform's tangents, so the rule's own derivative would silently miss the terms
+    through them."""
+    stack = torch._C._functorch.get_interpreter_stack() or ()
+    if sum(i.key() == TransformType.Jvp for i in stack) > 1:
+        raise NotImplementedError(
+            f"kdops: forward-over-forward through {op} (jacfwd(jacfwd(...)), jvp of jvp) is not "
+            f"supported: torch.func gives autograd.Function jvp rules their saved inputs without "
+            f"the outer tangents; for second order use forward over reverse "
+            f"(torch.func.hessian, jvp(grad(...))) or reverse mode")
 
 
 def wanted_grads(ctx, needs):

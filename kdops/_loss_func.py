@@ -26,8 +26,10 @@ rules below, through the ops of the chain:
                  (kd_backward on the weights' tangents) plus H·ẋ, H the symmetric Hessian:
                  the vector-Jacobian product kd_double_backward computes, taken along ẋ.
 
-kd_double_backward has no forward-mode rule: forward-over-forward (`jacfwd(jacfwd(...))`) and
-third-order derivatives raise. Forward-over-reverse (`hessian`, `jvp(grad(...))`) is exact.
+Forward over reverse (`hessian`, `jvp(grad(...))`) is exact. Forward over forward
+(`jacfwd(jacfwd(...))`) raises: torch.func gives jvp rules their saved inputs without the outer
+transform's tangents (`_library.refuse_forward_over_forward`); so does any third derivative
+(kd_double_backward has no forward-mode rule).
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ import torch
 from torch.autograd import forward_ad as _forward_ad
 
 from . import _loss_ops as _ops
+from ._library import refuse_forward_over_forward
 
 
 def _transformed() -> bool:
@@ -114,6 +117,7 @@ def _forward_jvp(ctx, *tangents):
     """Tangents of (div, ce, stats): per row ⟨∇D_r, ẋ_r⟩ and ⟨∇CE_r, ṡ_r⟩ (module docstring);
     the statistics are not differentiable. (A differentiable output's tangent is returned as
     a tensor, zeros included: autograd's forward mode rejects None there.)"""
+    refuse_forward_over_forward("fused_kd_loss")
     student, teacher, tau_s, tau_t, labels, stats = ctx.saved_tensors
     with_ce = ctx.config[3]
     weight = torch.ones_like(tau_s)      # the derivatives to the row weights do not read them
@@ -126,6 +130,7 @@ def _forward_jvp(ctx, *tangents):
 def _backward_jvp(ctx, d_grad_div, d_grad_ce, *tangents):
     """Tangents of kd_backward's gradients: ġd·∇D + ġce·∇CE + H·ẋ (module docstring); those
     the output mask left out are empty, as the outputs."""
+    refuse_forward_over_forward("fused_kd_loss")
     grad_div, grad_ce, student, teacher, tau_s, tau_t, labels, stats = ctx.saved_tensors
     mask = list(ctx.computed)
     rest = (student, teacher, tau_s, tau_t, labels, stats, *ctx.config)
@@ -145,10 +150,8 @@ def _backward_jvp(ctx, d_grad_div, d_grad_ce, *tangents):
 
 def _double_backward_jvp(ctx, *tangents):
     raise NotImplementedError(
-        "kdops: kd_double_backward has no forward-mode derivative: forward-over-forward "
-        "(jacfwd(jacfwd(...)), jvp of jvp) and third-order derivatives of fused_kd_loss are "
-        "not implemented; for second order use forward-over-reverse (torch.func.hessian, "
-        "jvp(grad(...))) or reverse-over-reverse")
+        "kdops: kd_double_backward has no forward-mode derivative: third-order derivatives of "
+        "fused_kd_loss are not implemented")
 
 
 _kd_double_backward = _transformable(

@@ -2,9 +2,10 @@
 
 `PilotStep` is one node for the whole parameter list; its backward is `PilotStepBackward`, the
 op `kdops::pilot_sgd_step_backward`, whose own derivative (second order) is written out here
-in PyTorch ops and so is differentiable again, to any order. Both define `setup_context` and
-`vmap`, so torch.func.grad, vmap (over tasks, per-task learning rates included) and
-functional_call work through them.
+in PyTorch ops and so is differentiable again, to any order. Both define `setup_context`,
+`vmap` and `jvp`, so torch.func.grad, vmap (over tasks, per-task learning rates included),
+jvp, jacfwd, hessian, functional_call and forward-mode dual tensors work through them; under
+torch.compile the step is `TracedPilotStep`, the same without the jvp, which Dynamo refuses.
 
 With d = s·g + wd·p (s = −1 when maximizing), the step is p' = p − lr·(K·d + L·buf): linear in
 (p, g, buf), with coefficients K(m), L(m) that depend on the momentum only (`step_coefficients`).
@@ -18,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._library import wanted_groups
+from ._library import refuse_forward_over_forward, wanted_groups
 from ._pilot_ops import pilot_sgd_step, pilot_sgd_step_backward
 from ._pilot_portable import list_dot
 
@@ -64,8 +65,10 @@ def apply(function, *args):
     return super(torch.autograd.Function, function).apply(*args)
 
 
-class PilotStep(torch.autograd.Function):
-    """p'_i for every i: `apply(layout, *tensors)` returns one tensor per param."""
+class TracedPilotStep(torch.autograd.Function):
+    """p'_i for every i: `apply(layout, *tensors)` returns one tensor per param. Without a
+    forward-mode rule: what torch.compile traces (Dynamo refuses Functions with a custom jvp);
+    `PilotStep` adds the rule everywhere else (`step_function`)."""
 
     @staticmethod
     def forward(layout, *tensors):
@@ -77,6 +80,7 @@ class PilotStep(torch.autograd.Function):
         layout, *tensors = inputs
         ctx.layout = layout
         ctx.save_for_backward(*tensors)
+        ctx.save_for_forward(*tensors)
 
     @staticmethod
     def backward(ctx, *grad_outputs):
@@ -108,11 +112,39 @@ class PilotStep(torch.autograd.Function):
     def vmap(info, in_dims, layout, *tensors):
         dims = in_dims[1:]
         if any(d is not None for d in dims[-3:]):      # batched step sizes: one step per task
-            return _per_sample(lambda *ts: PilotStep.apply(layout, *ts), info, dims, tensors)
+            return _per_sample(lambda *ts: step_function().apply(layout, *ts), info, dims,
+                               tensors)
         # Shared step sizes: the step is elementwise, so a batch of lists is a longer list.
         lists = [_batch_first(t, d, info.batch_size) for t, d in zip(tensors[:-3], dims[:-3])]
-        out = PilotStep.apply(layout, *lists, *tensors[-3:])
+        out = step_function().apply(layout, *lists, *tensors[-3:])
         return out, (0,) * len(out)
+
+
+class PilotStep(TracedPilotStep):
+    """TracedPilotStep with its forward-mode rule."""
+
+    @staticmethod
+    def jvp(ctx, _layout, *tangents):
+        """The step is linear in (p, g, buf): their tangents take the same step (through this
+        Function again, so a vmap over tangents is one call), and tangents of the scalars add
+        −lṙ·u − lr·K·ẇd·p − lr·ṁ·∂u/∂m."""
+        refuse_forward_over_forward("pilot_sgd_step")
+        layout, tensors = ctx.layout, ctx.saved_tensors
+        params, grads, buffers, lr, wd, m = unpack(layout, tensors)
+        d_params, d_grads, d_buffers, d_lr, d_wd, d_m = unpack(layout, tangents)
+        out = apply(PilotStep, layout, *_filled(d_params, params), *_filled(d_grads, grads),
+                    *([] if buffers is None else _filled(d_buffers, buffers)), lr, wd, m)
+        if d_lr is None and d_wd is None and d_m is None:
+            return out
+        u, u_m, k = _update_and_its_momentum_derivative(layout, params, grads, buffers, wd, m)
+        scalars = _combine([(_coef(-1, d_lr), u), (_coef(-1, lr, k, d_wd), params),
+                            (_coef(-1, lr, d_m), u_m)], params)
+        return tuple(a + b for a, b in zip(out, scalars))
+
+
+def step_function():
+    """The pilot step's Function: PilotStep, or TracedPilotStep while torch.compile traces."""
+    return TracedPilotStep if torch.compiler.is_compiling() else PilotStep
 
 
 class PilotStepBackward(torch.autograd.Function):
@@ -130,6 +162,7 @@ class PilotStepBackward(torch.autograd.Function):
         layout, mask, *tensors = inputs
         ctx.layout, ctx.mask = layout, mask
         ctx.save_for_backward(*tensors)
+        ctx.save_for_forward(*tensors)
 
     @staticmethod
     def backward(ctx, *cotangents):
@@ -149,10 +182,47 @@ class PilotStepBackward(torch.autograd.Function):
         return (None, None, *grads)
 
     @staticmethod
+    def jvp(ctx, _layout, _mask, *tangents):
+        """This op is w ↦ Jᵀw, J the step's Jacobian at x = (p, g, buf, lr, wd, m): linear in
+        w, so ẇ takes the op once more; along ẋ its tangent is H_w·ẋ, H_w the Hessian of
+        ⟨w, step(x)⟩, symmetric, so the vector-Jacobian product `backward` computes,
+        `_second_order` with the tangents as cotangents."""
+        refuse_forward_over_forward("pilot_sgd_step")
+        layout, mask, tensors = ctx.layout, ctx.mask, ctx.saved_tensors
+        n = layout.n
+        w, step = list(tensors[:n]), tensors[n:]
+        d_w, d_step = tangents[:n], tangents[n:]
+        params, grads, buffers, lr, wd, m = unpack(layout, step)
+        d_params, d_grads, d_buffers, d_lr, d_wd, d_m = unpack(layout, d_step)
+        out = apply(PilotStepBackward, layout, mask, *_filled(d_w, w), *step)
+        lists = [_filled(d, x) if d is not None and any(t is not None for t in d) else None
+                 for d, x in ((d_params, params), (d_grads, grads), (d_buffers, buffers))]
+        lists_on = mask[:3] if buffers is not None else mask[:2]
+        needs = [False] * n + [on for on in lists_on for _ in range(n)] + list(mask[3:])
+        second = [g for g in _second_order(layout, w, params, grads, buffers, lr, wd, m, *lists,
+                                           d_lr, d_wd, d_m, needs)[n:] if g is not None]
+        return tuple(a + b for a, b in zip(out, second))
+
+    @staticmethod
     def vmap(info, in_dims, layout, mask, *tensors):
         # The scalar gradients are sums over each task's elements: one call per task.
         return _per_sample(lambda *ts: PilotStepBackward.apply(layout, mask, *ts), info,
                            in_dims[2:], tensors)
+
+
+def _filled(tangents, like):
+    """A list of tangents with zeros for the absent ones (forward mode passes None there)."""
+    return [torch.zeros_like(x) if t is None else t for t, x in zip(tangents, like)]
+
+
+def _update_and_its_momentum_derivative(layout, params, grads, buffers, wd, m):
+    """(u, ∂u/∂m, K) of the step p' = p − lr·u, u = K·d + L·buf, d = s·g + wd·p."""
+    dampening, nesterov, maximize = layout.config
+    k, l, k_m, l_m, _ = step_coefficients(m, dampening, nesterov, buffers is not None)
+    d = _combine([(-1 if maximize else 1, grads), (wd, params)], params)
+    u = _combine([(k, d), (_coef(l), buffers)], params)
+    u_m = _combine([(_coef(k_m), d), (_coef(l_m), buffers)], params)
+    return u, u_m, k
 
 
 def _per_sample(fn, info, dims, tensors):

@@ -15,8 +15,9 @@ from typing import Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.autograd import forward_ad as _forward_ad
 
-from ._pilot_autograd import Layout, PilotStep, apply
+from ._pilot_autograd import Layout, TracedPilotStep, apply, step_function
 
 
 def pilot_sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor | None], lr, *,
@@ -54,7 +55,9 @@ def pilot_sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor | None], lr,
 
     Returns:
         list of p'_i: same shapes, dtypes and devices as params, differentiable to any order
-        with respect to params, grads, momentum_buffers, lr, weight_decay and momentum.
+        with respect to params, grads, momentum_buffers, lr, weight_decay and momentum, in
+        reverse mode; in forward mode (torch.func.jvp, jacfwd, hessian, forward_ad dual
+        tensors) to first order and forward over reverse.
     """
     params, grads = list(params), list(grads)
     if len(params) != len(grads):
@@ -89,9 +92,9 @@ def pilot_sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor | None], lr,
     tensors = (*params_live, *grads_live, *bufs, lr_t, wd_t, m_t)
     try:
         if _needs_autograd(tensors):
-            stepped = apply(PilotStep, layout, *tensors)
+            stepped = apply(step_function(), layout, *tensors)
         else:                               # no graph to record: skip the Function's overhead
-            stepped = PilotStep.forward(layout, *tensors)
+            stepped = TracedPilotStep.forward(layout, *tensors)
     except (RuntimeError, TypeError):
         # The ops check every position (cheaply, in bulk); name the culprit for the user.
         _check_lists(params, grads, buffers if bufs else None, live)
@@ -131,10 +134,12 @@ def pilot_update(module: nn.Module, loss: Tensor, lr, *, create_graph: bool = Tr
 
 
 def _needs_autograd(tensors) -> bool:
-    """Whether the step must be recorded: a grad-requiring input, or a torch.func transform
-    (always under torch.compile, which traces the Function)."""
-    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or (
-        torch.is_grad_enabled() and torch._C._any_requires_grad(*tensors))
+    """Whether the step must go through its Function: a grad-requiring input, a torch.func
+    transform or an open forward-AD dual level (always under torch.compile, which traces the
+    Function)."""
+    return (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+            or _forward_ad._current_level >= 0
+            or (torch.is_grad_enabled() and torch._C._any_requires_grad(*tensors)))
 
 
 def _is_zero(x) -> bool:

@@ -160,3 +160,41 @@ def test_the_same_on_cuda_through_the_triton_kernels(divergence, beta, label_mod
     got = tf.jvp(tf.grad(ours), primals, tangents)[1]
     want = tf.jvp(tf.grad(ref), primals, tangents)[1]
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.usefixtures("backend")
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_forward_mode_meta_gradient_of_the_temperature(momentum):
+    """MKD's hypergradient in forward mode: the quiz loss after a pilot step (kdops'
+    pilot_sgd_step on the gradient of fused_kd_loss at temperature τ, inside torch.func.grad),
+    differentiated along τ with one jvp, against the same with the reference composites and
+    against reverse mode through create_graph."""
+    g = torch.Generator().manual_seed(0)
+    x, xq = (torch.randn(8, 6, generator=g, dtype=torch.float64) for _ in range(2))
+    y, yq = (torch.randint(0, 5, (8,), generator=g) for _ in range(2))
+    theta = (torch.randn(6, 7, generator=g, dtype=torch.float64),
+             torch.randn(7, 5, generator=g, dtype=torch.float64))
+    buffers = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in theta]
+    teacher = torch.randn(8, 5, generator=g, dtype=torch.float64)
+
+    def student(params, inputs):
+        return torch.tanh(inputs @ params[0]) @ params[1]
+
+    def quiz_after_pilot(loss, step):
+        def f(tau):
+            def pilot_loss(params):
+                return loss(student(params, x), teacher, temperature=tau, labels=y, alpha=0.5)
+            grads = tf.grad(pilot_loss)(theta)
+            fast = step(list(theta), list(grads), 0.3, momentum=momentum,
+                        momentum_buffers=buffers if momentum else None)
+            return torch.nn.functional.cross_entropy(student(fast, xq), yq)
+        return f
+
+    tau, one = torch.tensor(2.5, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
+    ours = quiz_after_pilot(kdops.fused_kd_loss, kdops.pilot_sgd_step)
+    got = tf.jvp(ours, (tau,), (one,))[1]
+    want = tf.jvp(quiz_after_pilot(reference.kd_loss, reference.sgd_step), (tau,), (one,))[1]
+    leaf = tau.clone().requires_grad_()
+    (reverse,) = torch.autograd.grad(ours(leaf), leaf)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(got, reverse, rtol=1e-10, atol=1e-14)
