@@ -13,8 +13,10 @@ as TRL and Liger use it) it is `reference.kd_loss`. Modes, all with T = 2 and fp
                    <v, dL/ds> to student and teacher logits (MetaDistil's product), v passed
                    as grad_outputs (not as a product v * dL/ds that would cost an extra
                    [N, V] tensor and its backward in every implementation)
-torch.compile (inductor) does not differentiate twice, so second_order compares kdops with
-eager only. Each benchmark first checks its result against the reference.
+  hvp_forward      dL/ds and its tangent along v, forward over reverse (torch.func.jvp of
+                   torch.func.grad): the Hessian-vector product of forward-mode code
+torch.compile (inductor) does not differentiate twice, so second_order and hvp_forward compare
+kdops with eager only. Each benchmark first checks its result against the reference.
 
 Implementations: kdops (native kernels where built), kdops_portable (the portable PyTorch
 implementation forced on CPU; only when the native kernels are there, else it is what kdops
@@ -94,9 +96,14 @@ def _second_order(fn, s, t, cot):
     return loss.detach(), g.detach(), d_s, d_t
 
 
+def _hvp_forward(fn, s, t, cot):
+    return torch.func.jvp(torch.func.grad(lambda x: fn(x, t)), (s,), (cot,))
+
+
 MODES = {"forward": _forward, "forward_backward": _forward_backward,
-         "second_order": _second_order}
-CASES = [(m, i) for m in MODES for i in IMPLS if not (m == "second_order" and i == "compile")]
+         "second_order": _second_order, "hvp_forward": _hvp_forward}
+TWICE = ("second_order", "hvp_forward")
+CASES = [(m, i) for m in MODES for i in IMPLS if not (m in TWICE and i == "compile")]
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)

@@ -68,7 +68,7 @@ def refuse_forward_over_forward(op: str) -> None:
     """Raise inside a jvp rule that runs under two forward-mode transforms (jacfwd(jacfwd),
     jvp of jvp): torch.func hands autograd.Function jvp rules their saved inputs without the
     outer transform's tangents, so the rule's own derivative would silently miss the terms
-    through them."""
+    through them (pytorch/pytorch#197867, open)."""
     stack = torch._C._functorch.get_interpreter_stack() or ()
     if sum(i.key() == TransformType.Jvp for i in stack) > 1:
         raise NotImplementedError(
