@@ -103,14 +103,29 @@ def _transformable(name, op, setup_context, backward, jvp, *, logits_at, stats_i
     return entry
 
 
+# The setups keep the inputs for the jvp rules too, and turn off the materialization of absent
+# gradients and tangents: the rules then skip the passes over zeros that functorch would
+# otherwise hand them ([N, V] tangents of the teacher logits that nothing moves, say).
+
 def _forward_setup(ctx, inputs, output):
     _ops.forward_setup(ctx, inputs, output)
     ctx.save_for_forward(*inputs[:5], output[2])
+    ctx.set_materialize_grads(False)
 
 
 def _backward_setup(ctx, inputs, output):
     _ops.backward_setup(ctx, inputs, output)
     ctx.save_for_forward(*inputs[:8])
+    ctx.set_materialize_grads(False)
+
+
+def _forward_backward(ctx, grad_div, grad_ce, _stats_grad):
+    """kd_forward's backward, with zeros for an absent upstream gradient (none: no gradient)."""
+    if grad_div is None and grad_ce is None:
+        return (None,) * 9
+    zero = torch.zeros_like(grad_ce if grad_div is None else grad_div)
+    return _ops.forward_backward(ctx, kd_backward, zero if grad_div is None else grad_div,
+                                 zero if grad_ce is None else grad_ce)
 
 
 def _forward_jvp(ctx, *tangents):
@@ -162,8 +177,6 @@ kd_backward = _transformable(
     lambda ctx, *cotangents: _ops.backward_backward(ctx, _kd_double_backward, cotangents),
     _backward_jvp, logits_at=2, stats_in=7)
 kd_forward = _transformable(
-    "_Forward", _ops.kd_forward, _forward_setup,
-    lambda ctx, grad_div, grad_ce, _stats_grad: _ops.forward_backward(
-        ctx, kd_backward, grad_div, grad_ce),
-    _forward_jvp, logits_at=0, stats_out=2)
+    "_Forward", _ops.kd_forward, _forward_setup, _forward_backward, _forward_jvp, logits_at=0,
+    stats_out=2)
 kd_forward.__doc__ = "kdops::kd_forward, through an autograd.Function inside torch.func transforms."
