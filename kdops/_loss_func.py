@@ -81,7 +81,8 @@ def _vmapped(op, info, in_dims, args, mask, logits_at, stats_in=None, stats_out=
 
 def _transformable(name, op, setup_context, backward, jvp, *, logits_at, stats_in=None,
                    stats_out=None):
-    """`op`, called through an autograd.Function named `name` while a transform is active.
+    """`op`, called through an autograd.Function named `name` while a transform or a
+    forward-AD dual level is active.
 
     The Function's forward is the returned function again (one level down), its
     `setup_context`, `backward` and `jvp` are given, and its vmap rule is `_vmapped`: the

@@ -297,9 +297,7 @@ def _second_order(layout, w, params, grads, buffers, lr, wd, m, cp, cg, cb, clr,
     dampening, nesterov, maximize = layout.config
     s = -1 if maximize else 1
     k, l, k_m, l_m, l_mm = step_coefficients(m, dampening, nesterov, buffers is not None)
-    d = _combine([(s, grads), (wd, params)], params)
-    u = _combine([(k, d), (_coef(l), buffers)], params)
-    u_m = _combine([(_coef(k_m), d), (_coef(l_m), buffers)], params)
+    u, u_m, _ = _update_and_its_momentum_derivative(layout, params, grads, buffers, wd, m)
     dot = {name: list_dot(w, xs) if xs is not None else None
            for name, xs in (("cp", cp), ("cg", cg), ("cb", cb), ("p", params), ("um", u_m),
                             ("b", buffers))}
