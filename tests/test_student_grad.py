@@ -2,6 +2,7 @@
 order, as fused_kd_loss gives them through autograd (what kdops.meta's pilot step uses)."""
 import pytest
 import torch
+import torch.func as tf
 
 import kdops
 from cases import DIVERGENCE_IDS, DIVERGENCES, labels_for, logits, positive
@@ -85,3 +86,28 @@ def test_a_per_row_loss_is_refused():
     s, t = logits(4, 7, seed=1), logits(4, 7, seed=2)
     with pytest.raises(ValueError, match="reduction='none'"):
         loss_and_student_grad(s, t, reduction="none")
+
+
+@pytest.mark.usefixtures("backend")
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES, ids=DIVERGENCE_IDS)
+def test_the_gradient_in_forward_mode(divergence, beta):
+    """Tangents of the gradient along the teacher logits and both temperatures (kd_backward's
+    forward-mode rule) are those of the gradient that autograd gives through fused_kd_loss."""
+    s = logits(4, 7, dtype=torch.float64, seed=1)
+    labels, alpha = labels_for((4,), 7, "ce")
+    primals = (logits(4, 7, dtype=torch.float64, seed=2),
+               positive(4, seed=3, dtype=torch.float64), positive(4, seed=4, dtype=torch.float64))
+    tangents = (logits(4, 7, dtype=torch.float64, seed=5),
+                positive(4, seed=6, dtype=torch.float64), positive(4, seed=7, dtype=torch.float64))
+    kw = dict(divergence=divergence, beta=beta, labels=labels, alpha=alpha)
+
+    def ours(t, tau_s, tau_t):
+        return loss_and_student_grad(s, t, temperature=tau_s, teacher_temperature=tau_t, **kw)[1]
+
+    def through_autograd(t, tau_s, tau_t):
+        return tf.grad(lambda x: kdops.fused_kd_loss(x, t, temperature=tau_s,
+                                                     teacher_temperature=tau_t, **kw))(s)
+
+    got = tf.jvp(ours, primals, tangents)[1]
+    want = tf.jvp(through_autograd, primals, tangents)[1]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
