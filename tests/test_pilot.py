@@ -4,8 +4,8 @@ that takes the ``backend`` fixture runs on the native CPU kernels and on the por
 """
 import pytest
 import torch
-from torch import nn
 import torch.autograd.forward_ad as fwAD
+from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.func import hessian as tf_hessian
 from torch.func import jacfwd as tf_jacfwd
@@ -107,16 +107,18 @@ def test_backward_matches_autograd_of_the_loop(backend, config, dtype):
             torch.testing.assert_close(w.double(), e.double(), rtol=rtol, atol=rtol)
 
 
-def _flat_step(config, n, with_buffers):
+def _flat_step(config, n, with_buffers, impl=kdops.pilot_sgd_step):
+    """`impl` (kdops' step or the per-tensor loop) as a function of flat tensors: params,
+    grads, buffers (with_buffers), lr, weight decay, momentum."""
     _, _, _, dampening, nesterov, maximize = config
 
     def step(*xs):
         params, grads = list(xs[:n]), list(xs[n:2 * n])
         buffers = list(xs[2 * n:3 * n]) if with_buffers else None
         lr, wd, m = xs[-3:]
-        return tuple(kdops.pilot_sgd_step(params, grads, lr, weight_decay=wd, momentum=m,
-                                          momentum_buffers=buffers, dampening=dampening,
-                                          nesterov=nesterov, maximize=maximize))
+        return tuple(impl(params, grads, lr, weight_decay=wd, momentum=m,
+                          momentum_buffers=buffers, dampening=dampening, nesterov=nesterov,
+                          maximize=maximize))
     return step
 
 
@@ -147,18 +149,6 @@ def _forward_mode_inputs(config):
     return inputs, tangents
 
 
-def _reference_flat_step(config, n, with_buffers):
-    _, _, _, dampening, nesterov, maximize = config
-
-    def step(*xs):
-        buffers = list(xs[2 * n:3 * n]) if with_buffers else None
-        return tuple(reference.sgd_step(list(xs[:n]), list(xs[n:2 * n]), xs[-3], weight_decay=xs[-2],
-                                        momentum=xs[-1], momentum_buffers=buffers,
-                                        dampening=dampening, nesterov=nesterov,
-                                        maximize=maximize))
-    return step
-
-
 def _tensor_args(step, inputs):
     """`step` as a function of the tensors among `inputs` (the numbers held fixed)."""
     at = [k for k, x in enumerate(inputs) if isinstance(x, torch.Tensor)]
@@ -177,7 +167,7 @@ def test_forward_mode_matches_the_loop(backend, config):
     weight decay and momentum included, against forward mode through the per-tensor loop."""
     inputs, tangents = _forward_mode_inputs(config)
     ours, primals = _tensor_args(_flat_step(config, 3, config[2]), inputs)
-    loop, _ = _tensor_args(_reference_flat_step(config, 3, config[2]), inputs)
+    loop, _ = _tensor_args(_flat_step(config, 3, config[2], reference.sgd_step), inputs)
     want = tf_jvp(loop, primals, tangents)[1]
     got = tf_jvp(ours, primals, tangents)[1]
     with fwAD.dual_level():
