@@ -16,6 +16,7 @@ import warnings
 
 import torch
 from torch._C._functorch import TransformType
+from torch.autograd import forward_ad as _forward_ad
 
 LIB = torch.library.Library("kdops", "DEF")
 
@@ -62,6 +63,13 @@ def wanted_groups(ctx, needs, sizes):
         except (AttributeError, RuntimeError):
             pass
     return [any(needs[i] for i in span) for span in spans]
+
+
+def dual_level_open() -> bool:
+    """Whether a `torch.autograd.forward_ad` dual level is open (torch.func.jvp opens one too):
+    the ops' inputs may then carry tangents, which only the autograd.Functions' jvp rules take
+    (the compiled autograd has no forward mode). False while torch.compile traces."""
+    return _forward_ad._current_level >= 0 and not torch.compiler.is_compiling()
 
 
 def refuse_forward_over_forward(op: str) -> None:

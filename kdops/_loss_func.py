@@ -34,10 +34,9 @@ transform's tangents (`_library.refuse_forward_over_forward`); so does any third
 from __future__ import annotations
 
 import torch
-from torch.autograd import forward_ad as _forward_ad
 
 from . import _loss_ops as _ops
-from ._library import refuse_forward_over_forward
+from ._library import dual_level_open, refuse_forward_over_forward
 
 
 def _transformed() -> bool:
@@ -45,12 +44,6 @@ def _transformed() -> bool:
     compiled graph calls the ops, whose own autograd it traces)."""
     return (not torch.compiler.is_compiling()
             and torch._C._functorch.peek_interpreter_stack() is not None)
-
-
-def _dual() -> bool:
-    """Whether a `torch.autograd.forward_ad` dual level is open: the ops' inputs may then
-    carry tangents, which only the Functions' jvp rules take (not while torch.compile traces)."""
-    return _forward_ad._current_level >= 0 and not torch.compiler.is_compiling()
 
 
 def _vmapped(op, info, in_dims, args, mask, logits_at, stats_in=None, stats_out=None):
@@ -91,7 +84,7 @@ def _transformable(name, op, setup_context, backward, jvp, *, logits_at, stats_i
         return function.apply(*args) if _transformed() else op(*args)
 
     def entry(*args):
-        return function.apply(*args) if _transformed() or _dual() else op(*args)
+        return function.apply(*args) if _transformed() or dual_level_open() else op(*args)
 
     def vmap(info, in_dims, *args):
         mask = args[-1] if stats_in is not None else (True, True, True)

@@ -218,8 +218,7 @@ def fused_kd_loss(
     if grad_in_forward and torch.is_grad_enabled() and (a.s.requires_grad or a.t.requires_grad):
         rows = _grad_in_forward.attach(rows, a.s, a.t, a.tau_s, a.tau_t, a.labels, stats,
                                        ignore_index, divergence, float(beta), a.with_ce,
-                                       a.c if alpha is None else alpha * a.c,
-                                       1 - alpha if a.with_ce else 0.0)
+                                       *_row_weights(a, alpha))
     return _reduce(rows, a.labels, ignore_index, a.lead, a.v, reduction)
 
 
@@ -248,7 +247,7 @@ def loss_and_student_grad(student_logits: Tensor, teacher_logits: Tensor, *,
         div, ce, stats = _loss_func.kd_forward(s, a.t, a.tau_s, a.tau_t, a.labels, ignore_index,
                                                divergence, beta, a.with_ce)
         loss = _combined(div, ce, a.c, alpha, a.with_ce).sum()
-    weights = (a.c if alpha is None else alpha * a.c, 1 - alpha if a.with_ce else 0.0)
+    weights = _row_weights(a, alpha)
     if reduction != "sum":             # the loss's denominator, counted once for both
         per_row = _denominator(a.labels, ignore_index, a.n, a.v, reduction, cdt)
         loss = loss / per_row
@@ -305,6 +304,12 @@ def _combined(div: Tensor, ce: Tensor, c: Scalar, alpha, with_ce: bool) -> Tenso
     if alpha is not None:
         rows = alpha * rows + (1 - alpha) * ce if with_ce else rows
     return rows
+
+
+def _row_weights(a: _Arguments, alpha):
+    """(weight of D, weight of CE) in a row's loss, `_combined`'s factors: (alpha·c, 1 − alpha)
+    with the cross-entropy, else (c, 0)."""
+    return a.c if alpha is None else alpha * a.c, 1 - alpha if a.with_ce else 0.0
 
 
 def _count(labels: Optional[Tensor], ignore_index: int, n: int, dtype: torch.dtype):

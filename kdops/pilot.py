@@ -15,8 +15,8 @@ from typing import Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.autograd import forward_ad as _forward_ad
 
+from ._library import dual_level_open
 from ._pilot_autograd import Layout, TracedPilotStep, apply, step_function
 
 
@@ -138,7 +138,7 @@ def _needs_autograd(tensors) -> bool:
     transform or an open forward-AD dual level (always under torch.compile, which traces the
     Function)."""
     return (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
-            or _forward_ad._current_level >= 0
+            or dual_level_open()
             or (torch.is_grad_enabled() and torch._C._any_requires_grad(*tensors)))
 
 
