@@ -196,6 +196,25 @@ def test_all_rows_ignored_gives_zero():
     assert loss == 0 and (g == 0).all()
 
 
+@pytest.mark.parametrize("alpha", [None, 0.5], ids=["kd", "kd+ce"])
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
+def test_empty_batch(alpha, reduction):
+    """No rows (an empty last batch, a sequence batch of length 0): a zero loss (or an empty
+    one for "none") and empty gradients, to second order, with the cross-entropy term too,
+    whose labels tensor is then empty."""
+    s = logits(0, 5, dtype=torch.float64, requires_grad=True)
+    t = logits(0, 5, dtype=torch.float64, seed=1, requires_grad=True)
+    tau = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    loss = kdops.fused_kd_loss(s, t, temperature=tau, labels=torch.zeros(0, dtype=torch.long),
+                               alpha=alpha, reduction=reduction)
+    assert loss.shape == ((0,) if reduction == "none" else ())
+    assert (loss == 0).all()
+    gs, gt, gtau = torch.autograd.grad(loss.sum(), (s, t, tau), create_graph=True)
+    assert gs.shape == gt.shape == (0, 5) and gtau == 0
+    second = torch.autograd.grad(gs.sum() + gtau, (s, t, tau), allow_unused=True)
+    assert second[0].shape == (0, 5) and second[2] == 0
+
+
 def test_block_size_does_not_change_results(monkeypatch):
     """The row-blocked loop gives the same values for any block size."""
     from kdops import _loss_portable as _portable

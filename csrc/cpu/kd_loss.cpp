@@ -85,7 +85,8 @@ Inputs check_inputs(const Tensor& student, const Tensor& teacher, const Tensor& 
     in.labels = labels->contiguous();
     p.labels = in.labels.const_data_ptr<int64_t>();
   }
-  TORCH_CHECK(!with_ce || p.labels, "kdops: the cross-entropy term needs labels");
+  // An empty labels tensor (N = 0) may have no address: its presence is what counts.
+  TORCH_CHECK(!with_ce || in.labels.defined(), "kdops: the cross-entropy term needs labels");
   p.ignore_index = ignore_index;
   p.divergence = divergence_of(divergence, beta);
   p.beta = beta;
