@@ -14,6 +14,7 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor, nn
+from torch._C import _functorch
 
 from . import _grad_in_forward
 from . import _loss_func
@@ -33,10 +34,14 @@ def _check_values(ok: Tensor, message: str) -> None:
 
     The check reads the data only where that costs no device synchronization (CPU tensors, in
     eager mode); on other devices it is a device-side assertion that fails asynchronously, and
-    under torch.compile it is left to the user.
+    under torch.compile it is left to the user. Inside torch.func transforms it checks the
+    tensor they wrap (under vmap: every batch entry at once), which is not data-dependent
+    control flow to them.
     """
     if _is_compiling():
         return
+    while _functorch.is_functorch_wrapped_tensor(ok):
+        ok = _functorch.get_unwrapped(ok)
     if ok.device.type == "cpu":
         if not bool(ok.all()):
             raise ValueError(message)

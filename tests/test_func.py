@@ -68,6 +68,30 @@ def test_vmap_folds_the_batch_into_rows():
     torch.testing.assert_close(got, want, rtol=1e-14, atol=0)
 
 
+def test_vmap_over_labels_and_temperatures():
+    """Per-example losses and gradients with each example's own labels and temperature (the
+    usual per-sample-gradient pattern): the value checks of labels and temperatures inspect
+    the batched tensors without data-dependent control flow, and still raise."""
+    def f(s, t, labels, tau):
+        return kdops.fused_kd_loss(s, t, labels=labels, alpha=0.6, temperature=tau,
+                                   divergence="jsd", beta=0.3)
+
+    ss = torch.stack([_inputs(k)[0] for k in range(B)])
+    ts = torch.stack([_inputs(k)[1] for k in range(B)])
+    labels = torch.tensor([[1, -100, 4], [0, 6, -100]])
+    taus = torch.tensor([0.7, 2.5], dtype=torch.float64)
+    got = tf.vmap(tf.grad(f, argnums=(0, 3)))(ss, ts, labels, taus)
+    for k in range(B):
+        leaves = [ss[k].clone().requires_grad_(), taus[k].clone().requires_grad_()]
+        want = torch.autograd.grad(f(leaves[0], ts[k], labels[k], leaves[1]), leaves)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a[k], b, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="labels must lie"):
+        tf.vmap(f)(ss, ts, labels.masked_fill(labels == 6, V), taus)
+    with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+        tf.vmap(f)(ss, ts, labels, -taus)
+
+
 def test_per_example_gradients_and_jacobians():
     f = _loss(CASES["jsd_labels"])
     ss = torch.stack([_inputs(k)[0] for k in range(B)])
