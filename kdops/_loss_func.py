@@ -39,7 +39,7 @@ from . import _loss_ops as _ops
 from ._library import dual_level_open, refuse_forward_over_forward
 
 
-def _transformed() -> bool:
+def transformed() -> bool:
     """Whether a torch.func transform is active (not asked while torch.compile traces: the
     compiled graph calls the ops, whose own autograd it traces)."""
     return (not torch.compiler.is_compiling()
@@ -81,10 +81,10 @@ def _transformable(name, op, setup_context, backward, jvp, *, logits_at, stats_i
     `setup_context`, `backward` and `jvp` are given, and its vmap rule is `_vmapped`: the
     backward ops' last argument is their output mask, kd_forward computes all three outputs."""
     def call(*args):
-        return function.apply(*args) if _transformed() else op(*args)
+        return function.apply(*args) if transformed() else op(*args)
 
     def entry(*args):
-        return function.apply(*args) if _transformed() or dual_level_open() else op(*args)
+        return function.apply(*args) if transformed() or dual_level_open() else op(*args)
 
     def vmap(info, in_dims, *args):
         mask = args[-1] if stats_in is not None else (True, True, True)

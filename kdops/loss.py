@@ -163,7 +163,8 @@ def fused_kd_loss(
     student and teacher logits and both temperatures (also the scale and alpha when tensors).
 
     Works inside ``torch.func`` transforms (``grad``, ``vjp``, ``jacrev``, ``vmap``, ``jvp``,
-    ``jacfwd``, ``hessian`` and their nestings; not with ``grad_in_forward``) and on
+    ``jacfwd``, ``hessian`` and their nestings; there ``grad_in_forward`` runs the default
+    mode) and on
     ``torch.autograd.forward_ad`` dual tensors. Forward mode is exact to second order over
     reverse mode (``hessian``, ``jvp(grad(...))``); forward over forward
     (``jacfwd(jacfwd(...))``) raises NotImplementedError.
@@ -197,7 +198,8 @@ def fused_kd_loss(
             you drop them. **First order only**: differentiating the gradient again raises,
             and temperatures, scale and alpha must not require grad (ValueError). It costs an
             [N, V] gradient held from forward to backward, and the forward does the
-            backward's work even if no backward follows.
+            backward's work even if no backward follows. Inside ``torch.func`` transforms
+            the default mode runs instead (same values).
 
     Returns:
         The loss: 0-dim (or the leading shape for ``"none"``), float64 when either logits
@@ -216,6 +218,9 @@ def fused_kd_loss(
         _grad_in_forward.check_constants(temperature=temperature,
                                          teacher_temperature=teacher_temperature, scale=scale,
                                          alpha=alpha)
+        # Inside torch.func transforms nothing outlives the call for the mode to spare: the
+        # default mode runs, with the same values (and derivatives to any order).
+        grad_in_forward = not _loss_func.transformed()
     with torch.no_grad() if grad_in_forward else contextlib.nullcontext():
         div, ce, stats = _loss_func.kd_forward(a.s, a.t, a.tau_s, a.tau_t, a.labels, ignore_index,
                                                divergence, float(beta), a.with_ce)

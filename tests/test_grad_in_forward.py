@@ -85,3 +85,21 @@ def test_module_option():
     loss = kdops.KDLoss(temperature=3.0, grad_in_forward=True)(s, t)
     torch.testing.assert_close(loss, kdops.fused_kd_loss(s, t, temperature=3.0))
     assert "grad_in_forward=True" in repr(kdops.KDLoss(grad_in_forward=True))
+
+
+def test_torch_func_transforms_run_the_default_mode():
+    """Inside torch.func transforms (per-example gradients: vmap of grad, to the student and
+    the teacher) the option runs the default mode: the same values as without it."""
+    s = logits(3, 4, 9, dtype=torch.float64, seed=13)
+    t = logits(3, 4, 9, dtype=torch.float64, seed=14)
+    labels, alpha = labels_for((3, 4), 9, "ce")
+
+    def per_example(grad_in_forward):
+        def loss(s, t, y):
+            return kdops.fused_kd_loss(s, t, temperature=2.0, labels=y, alpha=alpha,
+                                       grad_in_forward=grad_in_forward)
+        return torch.func.vmap(torch.func.grad(loss, argnums=(0, 1)))(s, t, labels)
+
+    for got, want in zip(per_example(True), per_example(False)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert got.abs().sum() > 0
