@@ -164,9 +164,8 @@ def fused_kd_loss(
 
     Works inside ``torch.func`` transforms (``grad``, ``vjp``, ``jacrev``, ``vmap``, ``jvp``,
     ``jacfwd``, ``hessian`` and their nestings; there ``grad_in_forward`` runs the default
-    mode) and on
-    ``torch.autograd.forward_ad`` dual tensors. Forward mode is exact to second order over
-    reverse mode (``hessian``, ``jvp(grad(...))``); forward over forward
+    mode) and on ``torch.autograd.forward_ad`` dual tensors. Forward mode is exact to second
+    order over reverse mode (``hessian``, ``jvp(grad(...))``); forward over forward
     (``jacfwd(jacfwd(...))``) raises NotImplementedError.
 
     Args:
