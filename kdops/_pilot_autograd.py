@@ -136,7 +136,8 @@ class PilotStep(TracedPilotStep):
                     *([] if buffers is None else _filled(d_buffers, buffers)), lr, wd, m)
         if d_lr is None and d_wd is None and d_m is None:
             return out
-        u, u_m, k = _update_and_its_momentum_derivative(layout, params, grads, buffers, wd, m)
+        u, u_m, (k, *_) = _update_and_its_momentum_derivative(layout, params, grads, buffers,
+                                                              wd, m)
         scalars = _combine([(_coef(-1, d_lr), u), (_coef(-1, lr, k, d_wd), params),
                             (_coef(-1, lr, d_m), u_m)], params)
         return tuple(a + b for a, b in zip(out, scalars))
@@ -216,13 +217,15 @@ def _filled(tangents, like):
 
 
 def _update_and_its_momentum_derivative(layout, params, grads, buffers, wd, m):
-    """(u, ∂u/∂m, K) of the step p' = p − lr·u, u = K·d + L·buf, d = s·g + wd·p."""
+    """(u, ∂u/∂m, `step_coefficients`) of the step p' = p − lr·u, u = K·d + L·buf,
+    d = s·g + wd·p."""
     dampening, nesterov, maximize = layout.config
-    k, l, k_m, l_m, _ = step_coefficients(m, dampening, nesterov, buffers is not None)
+    coefficients = step_coefficients(m, dampening, nesterov, buffers is not None)
+    k, l, k_m, l_m, _ = coefficients
     d = _combine([(-1 if maximize else 1, grads), (wd, params)], params)
     u = _combine([(k, d), (_coef(l), buffers)], params)
     u_m = _combine([(_coef(k_m), d), (_coef(l_m), buffers)], params)
-    return u, u_m, k
+    return u, u_m, coefficients
 
 
 def _per_sample(fn, info, dims, tensors):
@@ -294,10 +297,10 @@ def _second_order(layout, w, params, grads, buffers, lr, wd, m, cp, cg, cb, clr,
     Returns the gradients of the flat inputs (w, params, grads, buffers, lr, wd, m), None where
     `needs` is False.
     """
-    dampening, nesterov, maximize = layout.config
+    maximize = layout.config[2]
     s = -1 if maximize else 1
-    k, l, k_m, l_m, l_mm = step_coefficients(m, dampening, nesterov, buffers is not None)
-    u, u_m, _ = _update_and_its_momentum_derivative(layout, params, grads, buffers, wd, m)
+    u, u_m, (k, l, k_m, l_m, l_mm) = _update_and_its_momentum_derivative(
+        layout, params, grads, buffers, wd, m)
     dot = {name: list_dot(w, xs) if xs is not None else None
            for name, xs in (("cp", cp), ("cg", cg), ("cb", cb), ("p", params), ("um", u_m),
                             ("b", buffers))}
