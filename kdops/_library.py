@@ -65,6 +65,13 @@ def wanted_groups(ctx, needs, sizes):
     return [any(needs[i] for i in span) for span in spans]
 
 
+def transformed() -> bool:
+    """Whether a torch.func transform is active (not asked while torch.compile traces: the
+    compiled graph calls the ops, whose own autograd it traces)."""
+    return (not torch.compiler.is_compiling()
+            and torch._C._functorch.peek_interpreter_stack() is not None)
+
+
 def dual_level_open() -> bool:
     """Whether a `torch.autograd.forward_ad` dual level is open (torch.func.jvp opens one too):
     the ops' inputs may then carry tangents, which only the autograd.Functions' jvp rules take

@@ -36,14 +36,7 @@ from __future__ import annotations
 import torch
 
 from . import _loss_ops as _ops
-from ._library import dual_level_open, refuse_forward_over_forward
-
-
-def transformed() -> bool:
-    """Whether a torch.func transform is active (not asked while torch.compile traces: the
-    compiled graph calls the ops, whose own autograd it traces)."""
-    return (not torch.compiler.is_compiling()
-            and torch._C._functorch.peek_interpreter_stack() is not None)
+from ._library import dual_level_open, refuse_forward_over_forward, transformed
 
 
 def _vmapped(op, info, in_dims, args, mask, logits_at, stats_in=None, stats_out=None):

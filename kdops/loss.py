@@ -18,6 +18,7 @@ from torch._C import _functorch
 
 from . import _grad_in_forward
 from . import _loss_func
+from ._library import transformed
 
 Scalar = Union[float, Tensor]
 
@@ -219,7 +220,7 @@ def fused_kd_loss(
                                          alpha=alpha)
         # Inside torch.func transforms nothing outlives the call for the mode to spare: the
         # default mode runs, with the same values (and derivatives to any order).
-        grad_in_forward = not _loss_func.transformed()
+        grad_in_forward = not transformed()
     with torch.no_grad() if grad_in_forward else contextlib.nullcontext():
         div, ce, stats = _loss_func.kd_forward(a.s, a.t, a.tau_s, a.tau_t, a.labels, ignore_index,
                                                divergence, float(beta), a.with_ce)

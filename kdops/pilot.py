@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from ._library import dual_level_open
+from ._library import dual_level_open, transformed
 from ._pilot_autograd import Layout, TracedPilotStep, apply, step_function
 
 
@@ -137,8 +137,7 @@ def _needs_autograd(tensors) -> bool:
     """Whether the step must go through its Function: a grad-requiring input, a torch.func
     transform or an open forward-AD dual level (always under torch.compile, which traces the
     Function)."""
-    return (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
-            or dual_level_open()
+    return (torch.compiler.is_compiling() or transformed() or dual_level_open()
             or (torch.is_grad_enabled() and torch._C._any_requires_grad(*tensors)))
 
 
